@@ -1,0 +1,113 @@
+"""``cellnest`` command line: parses arguments and calls one library function per command.
+
+Errors a user can fix (a bad file, a missing folder, an unknown model) print one line
+``cellnest: error: ...`` and exit with status 2; a batch where some images failed exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from cellnest import __version__
+
+log = logging.getLogger("cellnest")
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from cellnest.models import load_segmenter
+    from cellnest.segment import segment_files
+
+    segmenter = load_segmenter(args.model)
+    results = segment_files(args.inputs, args.out, segmenter, overlay=args.overlay, progress=not args.quiet)
+    done = [r for r in results if not r.error]
+    failed = [r for r in results if r.error]
+    seconds = sum(r.seconds for r in done)
+    log.info(
+        "segmented %d image(s), %d cell(s), %.2f s/image -> %s",
+        len(done),
+        sum(r.cells for r in done),
+        seconds / max(len(done), 1),
+        Path(args.out) / "summary.csv",
+    )
+    if failed:
+        log.error("%d input(s) failed: %s", len(failed), ", ".join(r.input for r in failed))
+    return 1 if failed else 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cellnest.evaluate import evaluate_folders, write_evaluation
+    from cellnest.metrics import format_table
+
+    evaluation = evaluate_folders(args.pred, args.gt, args.manifest, args.keep_border_cells, progress=not args.quiet)
+    out = args.out if args.out is not None else args.pred
+    csv_path, json_path = write_evaluation(evaluation, out)
+    print(format_table(evaluation.summary))
+    if evaluation.missing:
+        print(f"missing predictions ({len(evaluation.missing)}, scored F1 = 0): {', '.join(evaluation.missing)}")
+    log.info("per-image scores: %s; summary: %s", csv_path, json_path)
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from cellnest.synthetic import write_synthetic_folder
+
+    paths = write_synthetic_folder(args.out, args.count, args.seed)
+    log.info("wrote %d synthetic image(s) with labels to %s", len(paths), args.out)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from cellnest.models import DEFAULT_MODEL, available_models
+
+    for name in available_models():
+        print(f"{name}{'  (default)' if name == DEFAULT_MODEL else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellnest", description="Microscopy cell instance segmentation.")
+    parser.add_argument("--version", action="version", version=f"cellnest {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment images into <name>_label.tiff instance maps")
+    p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", default="classical", help="model name (see `cellnest models`)")
+    p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png with cell outlines")
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("evaluate", help="score predictions with the NeurIPS 2022 CellSeg F1")
+    p.add_argument("--pred", required=True, help="folder of <name>_label.tiff predictions")
+    p.add_argument("--gt", required=True, help="ground-truth folder (with labels/ or the label files)")
+    p.add_argument("--manifest", help="CSV with name,modality (default: manifest.csv beside the ground truth)")
+    p.add_argument("--out", help="where evaluation.csv/json go (default: the prediction folder)")
+    p.add_argument("--keep-border-cells", action="store_true", help="do not drop cells touching the 2-px frame")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("synth", help="write synthetic images with labels (challenge layout)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--count", type=int, default=None, help="number of images (default: the 4 demo looks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("models", help="list the available models")
+    p.set_defaults(func=_cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        print(f"cellnest: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cellnest: interrupted", file=sys.stderr)
+        return 130

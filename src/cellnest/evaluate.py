@@ -1,0 +1,111 @@
+"""Score a folder of predicted label maps against ground truth with the challenge metric.
+
+Files are matched by the challenge naming: ground truth ``<name>_label.tiff`` (in
+``GT/labels/`` or ``GT/``) against prediction ``PRED/<name>_label.tiff`` (or ``.tif``).
+A missing prediction scores F1 = 0 and is reported by name. Modalities come from a
+``manifest.csv`` (``name,modality``), by default the one beside the ground truth.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cellnest.data import read_csv_column, label_path_for
+from cellnest.io import ImageReadError, atomic_write, read_labels
+from cellnest.metrics import THRESHOLDS, ImageScore, score_image, summarize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    """Per-image scores, the names with no prediction, and per-modality statistics."""
+
+    scores: list[ImageScore]
+    missing: list[str]
+    summary: dict[str, dict[str, float]]
+
+
+def ground_truth_files(gt: str | os.PathLike) -> dict[str, Path]:
+    """``name -> label file`` for ``<name>_label.tif(f)`` in ``gt/labels`` or ``gt``."""
+    gt = Path(gt)
+    folder = gt / "labels" if (gt / "labels").is_dir() else gt
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{gt}: ground-truth folder not found")
+    files = {}
+    for path in sorted(folder.iterdir()):
+        for suffix in ("_label.tiff", "_label.tif"):
+            if path.name.endswith(suffix):
+                files[path.name[: -len(suffix)]] = path
+    if not files:
+        raise FileNotFoundError(f"{folder}: no <name>_label.tiff ground-truth files")
+    return files
+
+
+def _default_manifest(gt: Path) -> Path | None:
+    for candidate in (gt / "manifest.csv", gt.parent / "manifest.csv"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def evaluate_folders(
+    pred: str | os.PathLike,
+    gt: str | os.PathLike,
+    manifest: str | os.PathLike | None = None,
+    keep_border_cells: bool = False,
+    progress: bool = True,
+) -> Evaluation:
+    """Score every ground-truth image against its prediction.
+
+    Raises
+    ------
+    FileNotFoundError : a folder is missing or holds no label files.
+    ImageReadError : a label file is unreadable, or shapes differ (names the files).
+    """
+    pred, gt = Path(pred), Path(gt)
+    if not pred.is_dir():
+        raise FileNotFoundError(f"{pred}: prediction folder not found")
+    truth = ground_truth_files(gt)
+    manifest_path = Path(manifest) if manifest is not None else _default_manifest(gt)
+    if manifest_path is not None and not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: manifest not found")
+    modality = read_csv_column(manifest_path, "modality") if manifest_path else {}
+    scores, missing = [], []
+    for name, gt_path in tqdm(truth.items(), desc="evaluate", unit="img", disable=not progress):
+        true = read_labels(gt_path)
+        pred_path = label_path_for(pred, name)
+        if pred_path is None:
+            missing.append(name)
+            predicted = np.zeros_like(true)
+        else:
+            predicted = read_labels(pred_path)
+            if predicted.shape != true.shape:
+                raise ImageReadError(pred_path, f"shape {predicted.shape} differs from ground truth {gt_path} {true.shape}")
+        scores.append(score_image(true, predicted, name, modality.get(name, "unknown"), THRESHOLDS, keep_border_cells))
+    for name in missing:
+        log.warning("missing prediction for %s (scored F1 = 0)", name)
+    return Evaluation(scores, missing, summarize(scores))
+
+
+def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``evaluation.csv`` (one row per image) and ``evaluation.json`` (summary)."""
+    out_dir = Path(out_dir)
+    buffer = io.StringIO()
+    rows = [s.row() for s in evaluation.scores]
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["name"])
+    writer.writeheader()
+    writer.writerows(rows)
+    per_image = atomic_write(out_dir / "evaluation.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
+    summary = {"summary": evaluation.summary, "missing_predictions": evaluation.missing}
+    summary_path = atomic_write(out_dir / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    return per_image, summary_path

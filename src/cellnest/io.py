@@ -1,0 +1,214 @@
+"""Reading microscopy images and label maps; writing label maps atomically.
+
+Images come back as ``(H, W, 3)`` float32 raw intensities following the NeurIPS 2022
+CellSeg convention:
+
+* 2-D grey ``(H, W)`` -> the grey channel repeated three times;
+* ``(H, W, 1)`` -> repeated; ``(H, W, 2)`` -> ``[c0, c1, 0]`` (a zero third channel);
+* ``(H, W, 3)`` as is; ``(H, W, 4)`` (RGBA or 4 channels) -> the first three, alpha dropped
+  (the challenge baseline also keeps the first three channels of anything wider);
+* channel-first ``(C, H, W)`` and multi-page TIFFs with ``C <= 4`` pages are moved to
+  channel-last first. More than 4 pages is treated as a 3-D/time stack and refused.
+
+Every failure raises :class:`ImageReadError` whose message is one line naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")
+TIFF_SUFFIXES = (".tif", ".tiff")
+# A channel axis has at most this many entries; anything larger is a stack or a spatial axis.
+MAX_CHANNELS = 4
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+class ImageReadError(ValueError):
+    """An input file that cannot be used; ``str(err)`` is ``"<path>: <problem>"``."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = " ".join(str(problem).split())  # one line, whatever the library said
+        super().__init__(f"{self.path}: {self.problem}")
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """Decode a file to an ndarray with its own dtype and axes, or raise ImageReadError."""
+    if not path.exists():
+        raise ImageReadError(path, "file not found")
+    if path.is_dir():
+        raise ImageReadError(path, "is a directory, not an image file")
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise ImageReadError(path, f"unsupported file type '{suffix}' (supported: {', '.join(IMAGE_SUFFIXES)})")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "file is empty (0 bytes)")
+    try:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            array = tifffile.imread(path)
+        else:
+            import imageio.v3 as iio
+
+            array = iio.imread(path)
+    except Exception as err:  # decoders raise many unrelated types; all mean "unreadable"
+        raise ImageReadError(path, f"corrupt or not an image ({type(err).__name__}: {err})") from None
+    array = np.asarray(array)
+    if array.size == 0:
+        raise ImageReadError(path, f"no pixel data: corrupt file or zero-size image (shape {array.shape})")
+    if array.dtype.kind not in "buif":
+        raise ImageReadError(path, f"unsupported pixel type {array.dtype}")
+    return array
+
+
+def _to_channel_last(array: np.ndarray, path: Path) -> np.ndarray:
+    """Return ``(H, W, C)`` with ``1 <= C <= MAX_CHANNELS`` from a 2-D or 3-D array."""
+    # Drop singleton axes (e.g. a (1, H, W) single-page TIFF or (H, W, 1) PNG).
+    squeezed = np.squeeze(array)
+    if squeezed.ndim < 2:
+        raise ImageReadError(path, f"image too small to segment (shape {array.shape})")
+    if squeezed.ndim == 2:
+        return squeezed[..., None]
+    if squeezed.ndim != 3:
+        raise ImageReadError(path, f"expected a 2-D image, got a {array.ndim}-D array of shape {array.shape}")
+    first, last = squeezed.shape[0], squeezed.shape[-1]
+    if last <= MAX_CHANNELS:
+        return squeezed
+    if first <= MAX_CHANNELS:
+        return np.moveaxis(squeezed, 0, -1)
+    raise ImageReadError(
+        path, f"looks like a 3-D or time stack (shape {array.shape}); cellnest segments 2-D images with <= {MAX_CHANNELS} channels"
+    )
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a microscopy image as three channels.
+
+    Parameters
+    ----------
+    path : a ``.tif/.tiff/.png/.bmp/.jpg/.jpeg`` file.
+
+    Returns
+    -------
+    image : (H, W, 3) float32 array of raw intensities (not normalised).
+
+    Raises
+    ------
+    ImageReadError : missing, empty, corrupt, non-image, 4-D or stack input, odd dtype,
+        or non-finite values.
+    """
+    path = Path(path)
+    array = _read_array(path)
+    image = _to_channel_last(array, path)
+    if image.shape[0] < 2 or image.shape[1] < 2:
+        raise ImageReadError(path, f"image too small to segment (shape {array.shape})")
+    image = image.astype(np.float32, copy=False)
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise ImageReadError(path, "image contains NaN or infinite values")
+    channels = image.shape[-1]
+    if channels == 1:
+        return np.repeat(image, 3, axis=-1)
+    if channels == 2:
+        return np.concatenate([image, np.zeros_like(image[..., :1])], axis=-1)
+    return np.ascontiguousarray(image[..., :3])
+
+
+def read_labels(path: str | os.PathLike) -> np.ndarray:
+    """Read an instance label map.
+
+    Returns
+    -------
+    labels : (H, W) integer array (uint16, uint32 or int32), 0 = background.
+
+    Raises
+    ------
+    ImageReadError : unreadable file, not 2-D, negative or non-integer values.
+    """
+    path = Path(path)
+    array = np.squeeze(_read_array(path))
+    if array.ndim != 2:
+        raise ImageReadError(path, f"label map must be 2-D, got shape {array.shape}")
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all() or np.any(array != np.round(array)):
+            raise ImageReadError(path, "label map has non-integer values")
+        array = array.astype(np.int64)
+    if array.dtype.kind == "b":
+        array = array.astype(np.uint8)
+    if array.dtype.kind == "i" and array.min() < 0:
+        raise ImageReadError(path, "label map has negative values")
+    return array
+
+
+def label_dtype(labels: np.ndarray) -> np.dtype:
+    """uint16 when the largest id fits, else uint32 (the formats Fiji and napari open)."""
+    top = int(labels.max()) if labels.size else 0
+    if top > np.iinfo(np.uint32).max:
+        raise ValueError(f"label id {top} does not fit in uint32")
+    return np.dtype(np.uint16) if top <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash leaves either the old file or the new one, never half a file. The temporary
+    name keeps the suffix so that writers that pick a format by extension still work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
+    """Write an instance map as a zlib-compressed uint16/uint32 TIFF, atomically.
+
+    Parameters
+    ----------
+    path : destination, conventionally ``<name>_label.tiff``.
+    labels : (H, W) non-negative integer array.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"{path}: label map must be 2-D, got shape {labels.shape}")
+    if labels.dtype.kind not in "buif" or (labels.size and labels.min() < 0):
+        raise ValueError(f"{path}: labels must be non-negative integers, got dtype {labels.dtype}")
+    out = labels.astype(label_dtype(labels), copy=False)
+    import tifffile
+
+    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, out, compression="zlib"))
+
+
+def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
+    """Write an (H, W, 3) uint8 picture (overlays, previews) as PNG, atomically."""
+    import imageio.v3 as iio
+
+    return atomic_write(path, lambda tmp: iio.imwrite(tmp, rgb, extension=".png"))
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """Image files directly inside ``root`` (sorted), skipping hidden files and label maps."""
+    root = Path(root)
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not p.name.startswith(".")
+        and not p.stem.endswith("_label")
+    )

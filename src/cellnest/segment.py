@@ -1,0 +1,150 @@
+"""Segment many image files with one segmenter and write what other tools open.
+
+For every input ``<name>.<ext>`` the output folder receives ``<name>_label.tiff`` (the
+challenge naming; uint16/uint32, opens in napari and Fiji) and, on request,
+``<name>_overlay.png`` (cell outlines over the image). ``summary.csv`` lists cells and
+seconds per image and the error of any file that failed. A bad file is reported by name
+and skipped; the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from skimage.segmentation import find_boundaries
+from tqdm import tqdm
+
+from cellnest.io import IMAGE_SUFFIXES, ImageReadError, atomic_write, list_images, read_image, write_labels, write_png
+from cellnest.models import Segmenter
+from cellnest.normalize import normalize_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageResult:
+    """Outcome of one input file."""
+
+    input: str
+    name: str
+    cells: int = 0
+    seconds: float = 0.0
+    output: str = ""
+    error: str = ""
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[ImageResult]]:
+    """Resolve files, folders (their images, or ``images/`` inside) and glob patterns.
+
+    Returns
+    -------
+    paths : unique image files, in the order given (folders and globs sorted).
+    missing : a failed :class:`ImageResult` for every input that matched nothing.
+    """
+    paths: list[Path] = []
+    missing: list[ImageResult] = []
+    for spec in inputs:
+        spec = str(spec)
+        path = Path(spec)
+        if path.is_dir():
+            folder = path / "images" if (path / "images").is_dir() else path
+            found = list_images(folder)
+        elif path.exists():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(spec) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            missing.append(ImageResult(spec, Path(spec).stem, error=f"{spec}: no such file, folder or matching image"))
+        paths.extend(found)
+    unique, seen = [], set()
+    for p in paths:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique, missing
+
+
+def overlay_outlines(image: np.ndarray, labels: np.ndarray, color: tuple[int, int, int] = (255, 255, 0)) -> np.ndarray:
+    """Cell outlines drawn over the normalised image.
+
+    Parameters
+    ----------
+    image : (H, W, 3) raw intensities. labels : (H, W) instance map.
+
+    Returns
+    -------
+    (H, W, 3) uint8 picture.
+    """
+    picture = (normalize_image(image) * 255).astype(np.uint8)
+    picture[find_boundaries(labels, mode="inner")] = color
+    return picture
+
+
+def segment_files(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    segmenter: Segmenter,
+    overlay: bool = False,
+    progress: bool = True,
+) -> list[ImageResult]:
+    """Segment every image of ``inputs`` into ``out_dir``.
+
+    Returns
+    -------
+    One :class:`ImageResult` per input file (``error`` set on failure), in input order.
+    Inputs are never overwritten: an output that would land on an input is refused.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, results = expand_inputs(inputs)
+    for spec in results:
+        log.error(spec.error)
+    protected = {p.resolve() for p in paths}
+    claimed: dict[str, Path] = {}
+    bar = tqdm(paths, desc=f"segment ({segmenter.name})", unit="img", disable=not progress)
+    for path in bar:
+        result = ImageResult(str(path), path.stem)
+        results.append(result)
+        target = out_dir / f"{path.stem}_label.tiff"
+        try:
+            if path.stem in claimed:
+                raise ImageReadError(path, f"output name collides with {claimed[path.stem]} (same file stem)")
+            if target.resolve() in protected:
+                raise ImageReadError(path, f"refusing to overwrite input file {target}")
+            claimed[path.stem] = path
+            start = time.perf_counter()
+            image = read_image(path)
+            labels = segmenter(image)
+            write_labels(target, labels)
+            if overlay:
+                write_png(out_dir / f"{path.stem}_overlay.png", overlay_outlines(image, labels))
+            result.seconds = time.perf_counter() - start
+            result.cells = int(len(np.unique(labels)) - (labels.min() == 0))
+            result.output = str(target)
+            bar.set_postfix(cells=result.cells, s=f"{result.seconds:.2f}")
+        except (ImageReadError, ValueError, OSError) as err:
+            result.error = str(err) if isinstance(err, ImageReadError) else f"{path}: {err}"
+            tqdm.write(f"error: {result.error}")
+    write_summary(out_dir / "summary.csv", results)
+    return results
+
+
+def write_summary(path: Path, results: Sequence[ImageResult]) -> Path:
+    """CSV of per-image results (input, name, cells, seconds, output, error), atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(asdict(ImageResult("", "")).keys()))
+    writer.writeheader()
+    for r in results:
+        row = asdict(r)
+        row["seconds"] = f"{r.seconds:.3f}"
+        writer.writerow(row)
+    return atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
