@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from cellnest.cli import main
+from cellnest.io import read_labels
+
+
+def test_segment_then_evaluate(tmp_path, synthetic_folder, capsys):
+    out = tmp_path / "out"
+    assert main(["-q", "segment", str(synthetic_folder), "--out", str(out), "--overlay"]) == 0
+    labels = sorted(out.glob("*_label.tiff"))
+    assert len(labels) == 8 and len(list(out.glob("*_overlay.png"))) == 8
+    assert read_labels(labels[0]).max() > 0
+    with open(out / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8 and all(int(r["cells"]) > 0 and not r["error"] for r in rows)
+
+    assert main(["-q", "evaluate", "--pred", str(out), "--gt", str(synthetic_folder)]) == 0
+    table = capsys.readouterr().out
+    assert "| fluorescence |" in table and "| all | 8 |" in table
+    summary = json.loads((out / "evaluation.json").read_text())
+    assert summary["summary"]["all"]["mean_f1"] > 0.7 and summary["missing_predictions"] == []
+
+
+def test_bad_file_is_reported_and_batch_continues(tmp_path, synthetic_folder, capsys):
+    inputs = tmp_path / "in"
+    shutil.copytree(synthetic_folder / "images", inputs)
+    (inputs / "broken.tif").write_bytes(b"not a tiff at all")
+    out = tmp_path / "out"
+    code = main(["-q", "segment", str(inputs), str(tmp_path / "nothing*.png"), "--out", str(out)])
+    assert code == 1
+    err = capsys.readouterr()
+    assert "broken.tif: corrupt" in err.out + err.err
+    assert len(list(out.glob("*_label.tiff"))) == 8
+    with open(out / "summary.csv") as fh:
+        errors = {r["name"]: r["error"] for r in csv.DictReader(fh) if r["error"]}
+    assert set(errors) == {"broken", "nothing*"}
+
+
+def test_missing_prediction_counts_as_zero(tmp_path, synthetic_folder, capsys):
+    pred = tmp_path / "pred"
+    shutil.copytree(synthetic_folder / "labels", pred)
+    victim = sorted(pred.iterdir())[0]
+    victim.unlink()
+    assert main(["-q", "evaluate", "--pred", str(pred), "--gt", str(synthetic_folder)]) == 0
+    text = capsys.readouterr().out
+    assert victim.name.replace("_label.tiff", "") in text
+    with open(pred / "evaluation.csv") as fh:
+        f1 = {r["name"]: float(r["f1"]) for r in csv.DictReader(fh)}
+    assert f1.pop(victim.name.replace("_label.tiff", "")) == 0.0
+    assert all(v == 1.0 for v in f1.values())
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["segment", "x.png", "--out", "o", "--model", "nope"], "unknown model 'nope'"),
+        (["evaluate", "--pred", "/no/such/dir", "--gt", "/no/gt"], "prediction folder not found"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cellnest: error:") and message in err and "\n" not in err
+
+
+def test_input_never_overwritten(tmp_path):
+    image = tmp_path / "a_label.tiff"
+    from cellnest.io import write_labels
+
+    write_labels(image, np.ones((20, 20), np.uint16))
+    before = image.read_bytes()
+    # Output of "a_label.tiff" is "a_label_label.tiff"; the input stays as it was.
+    main(["-q", "segment", str(image), "--out", str(tmp_path)])
+    assert image.read_bytes() == before
