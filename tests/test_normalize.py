@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellnest.normalize import normalize_channel, normalize_image
+from cellnest.normalize import apply_image_percentiles, channel_percentiles, image_percentiles, normalize_channel, normalize_image
 
 
 def test_percentiles_of_nonzero_pixels():
@@ -39,3 +39,22 @@ def test_rejects_bad_arguments():
         normalize_channel(np.ones((3, 3)), 99, 1)
     with pytest.raises(ValueError, match=r"\(H, W, C\)"):
         normalize_image(np.ones((3, 3)))
+
+
+@pytest.mark.parametrize("dtype, top", [(np.uint8, 255), (np.uint16, 65535), (np.uint16, 900), (np.int32, 5000)])
+def test_histogram_percentiles_equal_numpy(dtype, top):
+    rng = np.random.default_rng(top)
+    channel = rng.integers(0, top + 1, size=(97, 53)).astype(dtype)
+    channel[:10] = 0
+    for lower, upper in [(1, 99), (0, 100), (2.5, 97.5), (50, 51)]:
+        expected = np.percentile(channel[channel != 0].astype(np.float64), [lower, upper])
+        np.testing.assert_allclose(channel_percentiles(channel, lower, upper), expected, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(normalize_channel(channel), normalize_channel(channel.astype(np.float32)), atol=1e-6)
+
+
+def test_blockwise_application_equals_whole_image():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 4096, size=(64, 48, 3)).astype(np.uint16)
+    bounds = image_percentiles(image)
+    blocks = np.concatenate([apply_image_percentiles(image[:30], bounds), apply_image_percentiles(image[30:], bounds)])
+    np.testing.assert_array_equal(blocks, normalize_image(image))

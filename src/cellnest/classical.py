@@ -53,7 +53,7 @@ def segment_classical(image: np.ndarray, config: ClassicalConfig = ClassicalConf
 
     Parameters
     ----------
-    image : (H, W, 3) raw intensities, as from :func:`cellnest.io.read_image`.
+    image : (H, W, C) raw intensities, as from :func:`cellnest.io.read_image`.
 
     Returns
     -------
@@ -61,7 +61,12 @@ def segment_classical(image: np.ndarray, config: ClassicalConfig = ClassicalConf
     """
     if image.ndim != 3:
         raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
-    grey = normalize_image(image).mean(axis=-1)
+    return segment_normalized_classical(normalize_image(image), config)
+
+
+def segment_normalized_classical(image: np.ndarray, config: ClassicalConfig = ClassicalConfig()) -> np.ndarray:
+    """:func:`segment_classical` on an already normalised (H, W, C) float32 image."""
+    grey = image.mean(axis=-1)
     mask = foreground_mask(grey, config)
     if not mask.any():
         return np.zeros(mask.shape, np.int32)

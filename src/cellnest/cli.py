@@ -18,11 +18,13 @@ log = logging.getLogger("cellnest")
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from cellnest.models import load_segmenter
-    from cellnest.segment import segment_files
+    from cellnest.models import DEFAULT_MODEL, load_segmenter
+    from cellnest.segment import Outputs, segment_files
 
-    segmenter = load_segmenter(args.model)
-    results = segment_files(args.inputs, args.out, segmenter, overlay=args.overlay, progress=not args.quiet)
+    overrides = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap), ("tta", args.tta or None)) if v is not None}
+    segmenter = load_segmenter(args.model or [DEFAULT_MODEL], device=args.device, predictor=overrides)
+    outputs = Outputs(overlay=args.overlay, measure=args.measure, geojson=args.geojson)
+    results = segment_files(args.inputs, args.out, segmenter, outputs, progress=not args.quiet)
     done = [r for r in results if not r.error]
     failed = [r for r in results if r.error]
     seconds = sum(r.seconds for r in done)
@@ -77,8 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="segment images into <name>_label.tiff instance maps")
     p.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", default="classical", help="model name (see `cellnest models`)")
+    p.add_argument(
+        "--model",
+        action="append",
+        help="model name (see `cellnest models`; default: the one marked there), .pt file or run folder; "
+        "repeat to ensemble",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--tile", type=int, help="sliding-window tile size in pixels (default: the model's)")
+    p.add_argument("--overlap", type=float, help="sliding-window overlap fraction (default: the model's)")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (4x slower)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png with cell outlines")
+    p.add_argument("--measure", action="store_true", help="also write <name>_cells.csv with per-cell measurements")
+    p.add_argument("--geojson", action="store_true", help="also write <name>_cells.geojson polygons for QuPath")
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("evaluate", help="score predictions with the NeurIPS 2022 CellSeg F1")

@@ -1,12 +1,77 @@
-"""Per-channel percentile normalisation, the one function used at training and inference.
+"""Per-channel percentile normalisation, the one rule used at training and inference.
 
 The official challenge baseline normalised differently at training and inference time;
-cellnest calls :func:`normalize_image` in both places (the dataset cache and the predictor).
+cellnest calls :func:`normalize_image` in both places (the dataset cache and the
+predictor). Large images use the same rule in two steps, :func:`channel_percentiles` on
+the whole image, then :func:`apply_percentiles` block by block.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+# Integer images with at most this many distinct values get exact percentiles from a
+# histogram (no float copy of the image): uint8 and uint16.
+_HISTOGRAM_MAX_VALUE = 65535
+
+
+def _check(lower: float, upper: float) -> None:
+    if not 0 <= lower < upper <= 100:
+        raise ValueError(f"need 0 <= lower < upper <= 100, got lower={lower}, upper={upper}")
+
+
+def _histogram_percentiles(counts: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    """numpy's default ('linear') percentiles of the values 1..len(counts)-1 with ``counts``.
+
+    Why by hand: ``np.percentile`` copies and sorts the pixels; from a histogram the same
+    numbers cost one pass of ``bincount`` and no memory, which matters for 10k x 10k images.
+    """
+    counts = counts.copy()
+    counts[0] = 0  # percentiles of the non-zero pixels
+    cumulative = np.cumsum(counts)
+    n = int(cumulative[-1])
+    out = []
+    for q in qs:
+        position = q / 100 * (n - 1)
+        below = int(np.floor(position))
+        value_low = int(np.searchsorted(cumulative, below, side="right"))
+        value_high = int(np.searchsorted(cumulative, min(below + 1, n - 1), side="right"))
+        out.append(value_low + (position - below) * (value_high - value_low))
+    return out
+
+
+def channel_percentiles(channel: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> tuple[float, float] | None:
+    """The ``lower`` and ``upper`` percentiles of a channel's non-zero pixels.
+
+    Returns None for an all-zero channel. uint8/uint16 (and small non-negative ints) are
+    counted exactly by histogram; other dtypes use ``np.percentile``.
+    """
+    _check(lower, upper)
+    channel = np.asarray(channel)
+    if channel.dtype.kind in "ub" or (channel.dtype.kind == "i" and channel.size and channel.min() >= 0):
+        top = int(channel.max()) if channel.size else 0
+        if top <= _HISTOGRAM_MAX_VALUE:
+            if top == 0:
+                return None
+            lo, hi = _histogram_percentiles(np.bincount(channel.ravel(), minlength=top + 1), (lower, upper))
+            return float(lo), float(hi)
+    nonzero = channel[channel != 0]
+    if nonzero.size == 0:
+        return None
+    lo, hi = np.percentile(nonzero.astype(np.float64), [lower, upper])
+    return float(lo), float(hi)
+
+
+def apply_percentiles(channel: np.ndarray, bounds: tuple[float, float] | None) -> np.ndarray:
+    """Map ``bounds`` to [0, 1] and clip; a flat or empty channel (``hi <= lo``) gives zeros.
+
+    Returns (H, W) float32.
+    """
+    if bounds is None or not bounds[1] > bounds[0]:
+        return np.zeros(np.shape(channel), np.float32)
+    lo, hi = bounds
+    out = (np.asarray(channel, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def normalize_channel(channel: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
@@ -22,17 +87,28 @@ def normalize_channel(channel: np.ndarray, lower: float = 1.0, upper: float = 99
     (H, W) float32 in [0, 1]. An all-zero or flat channel (upper percentile equal to the
     lower one) returns all zeros: there is no contrast to rescale.
     """
-    if not 0 <= lower < upper <= 100:
-        raise ValueError(f"need 0 <= lower < upper <= 100, got lower={lower}, upper={upper}")
-    channel = np.asarray(channel, dtype=np.float32)
-    nonzero = channel[channel != 0]
-    if nonzero.size == 0:
-        return np.zeros(channel.shape, np.float32)
-    lo, hi = np.percentile(nonzero, [lower, upper])
-    if not hi > lo:
-        return np.zeros(channel.shape, np.float32)
-    out = (channel - np.float32(lo)) / np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out)
+    return apply_percentiles(channel, channel_percentiles(channel, lower, upper))
+
+
+def image_percentiles(image: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> list[tuple[float, float] | None]:
+    """:func:`channel_percentiles` of each channel of an (H, W, C) image."""
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
+    bounds: list[tuple[float, float] | None] = []
+    for c in range(image.shape[-1]):
+        # Grey images arrive as three identical channels: count once.
+        same = next((p for p in range(c) if np.array_equal(image[..., p], image[..., c])), None)
+        bounds.append(bounds[same] if same is not None else channel_percentiles(image[..., c], lower, upper))
+    return bounds
+
+
+def apply_image_percentiles(image: np.ndarray, bounds: list[tuple[float, float] | None]) -> np.ndarray:
+    """Apply per-channel ``bounds`` to an (H, W, C) image (or block) -> (H, W, C) float32."""
+    out = np.empty(np.shape(image), np.float32)
+    for c, b in enumerate(bounds):
+        out[..., c] = apply_percentiles(image[..., c], b)
+    return out
 
 
 def normalize_image(image: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
@@ -46,12 +122,4 @@ def normalize_image(image: np.ndarray, lower: float = 1.0, upper: float = 99.0) 
     -------
     (H, W, C) float32 in [0, 1].
     """
-    image = np.asarray(image)
-    if image.ndim != 3:
-        raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
-    out = np.empty(image.shape, np.float32)
-    for c in range(image.shape[-1]):
-        # Grey images arrive as three identical channels: normalise once, copy the rest.
-        same = next((p for p in range(c) if np.array_equal(image[..., p], image[..., c])), None)
-        out[..., c] = out[..., same] if same is not None else normalize_channel(image[..., c], lower, upper)
-    return out
+    return apply_image_percentiles(image, image_percentiles(image, lower, upper))

@@ -2,8 +2,9 @@
 
 For every input ``<name>.<ext>`` the output folder receives ``<name>_label.tiff`` (the
 challenge naming; uint16/uint32, opens in napari and Fiji) and, on request,
-``<name>_overlay.png`` (cell outlines over the image). ``summary.csv`` lists cells and
-seconds per image and the error of any file that failed. A bad file is reported by name
+``<name>_overlay.png`` (cell outlines over the image), ``<name>_cells.csv`` (per-cell
+measurements) and ``<name>_cells.geojson`` (polygons QuPath imports). ``summary.csv``
+lists cells and seconds per image and the error of any file that failed. A bad file is reported by name
 and skipped; the others go on.
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
+from cellnest.export import measure_cells, write_geojson, write_measurements
 from cellnest.io import IMAGE_SUFFIXES, ImageReadError, atomic_write, list_images, read_image, write_labels, write_png
 from cellnest.models import Segmenter
 from cellnest.normalize import normalize_image
@@ -89,11 +91,20 @@ def overlay_outlines(image: np.ndarray, labels: np.ndarray, color: tuple[int, in
     return picture
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """Which files besides ``<name>_label.tiff`` to write for each image."""
+
+    overlay: bool = False  # <name>_overlay.png: outlines over the image
+    measure: bool = False  # <name>_cells.csv: per-cell regionprops
+    geojson: bool = False  # <name>_cells.geojson: polygons for QuPath
+
+
 def segment_files(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     segmenter: Segmenter,
-    overlay: bool = False,
+    outputs: Outputs = Outputs(),
     progress: bool = True,
 ) -> list[ImageResult]:
     """Segment every image of ``inputs`` into ``out_dir``.
@@ -115,20 +126,26 @@ def segment_files(
         result = ImageResult(str(path), path.stem)
         results.append(result)
         target = out_dir / f"{path.stem}_label.tiff"
+        extras = [out_dir / f"{path.stem}{suffix}" for suffix in ("_overlay.png", "_cells.csv", "_cells.geojson")]
         try:
             if path.stem in claimed:
                 raise ImageReadError(path, f"output name collides with {claimed[path.stem]} (same file stem)")
-            if target.resolve() in protected:
-                raise ImageReadError(path, f"refusing to overwrite input file {target}")
+            clash = next((t for t in [target, *extras] if t.resolve() in protected), None)
+            if clash is not None:
+                raise ImageReadError(path, f"refusing to overwrite input file {clash}")
             claimed[path.stem] = path
             start = time.perf_counter()
-            image = read_image(path)
-            labels = segmenter(image)
+            image = read_image(path, dtype=None)  # native dtype: a large uint8 image stays small
+            labels = segmenter(image, progress=progress)
             write_labels(target, labels)
-            if overlay:
-                write_png(out_dir / f"{path.stem}_overlay.png", overlay_outlines(image, labels))
+            if outputs.overlay:
+                write_png(extras[0], overlay_outlines(image, labels))
+            if outputs.measure:
+                write_measurements(extras[1], measure_cells(labels, image))
+            if outputs.geojson:
+                write_geojson(extras[2], labels, name=path.stem)
             result.seconds = time.perf_counter() - start
-            result.cells = int(len(np.unique(labels)) - (labels.min() == 0))
+            result.cells = int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
             result.output = str(target)
             bar.set_postfix(cells=result.cells, s=f"{result.seconds:.2f}")
         except (ImageReadError, ValueError, OSError) as err:

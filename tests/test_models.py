@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cellnest.cli import main
+from cellnest.data import TargetConfig
+from cellnest.io import read_labels
+from cellnest.models import ModelFileError, load_segmenter, read_model_file, save_model
+from cellnest.nets import build_model
+from cellnest.postprocess import PostprocessConfig
+from cellnest.predict import PredictorConfig
+
+from dataclasses import asdict
+
+TINY = {"name": "unet", "cfg": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}, "in_channels": 3, "out_channels": 3}
+
+
+def _save_tiny(path, half=False, **post):
+    torch.manual_seed(0)
+    model = build_model(TINY["name"], **TINY["cfg"])
+    save_model(path, model, TINY, asdict(TargetConfig()), PredictorConfig(tile=64), PostprocessConfig(**post), {"note": "test"}, half=half)
+    return model
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_model_file_round_trip(tmp_path, half):
+    model = _save_tiny(tmp_path / "m.pt", half=half)
+    bundle = read_model_file(tmp_path / "m.pt")
+    assert bundle["meta"] == {"note": "test"} and bundle["predictor"]["tile"] == 64
+    segmenter = load_segmenter(str(tmp_path / "m.pt"), device="cpu")
+    reloaded = segmenter.predictor.models[0]
+    for (k, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        tol = 1e-3 if half and a.is_floating_point() else 0
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+    labels = segmenter(np.random.default_rng(0).integers(0, 255, (70, 90, 3)).astype(np.uint8))
+    assert labels.shape == (70, 90) and labels.dtype == np.int32
+
+
+def test_run_folder_and_ensemble(tmp_path):
+    (tmp_path / "run").mkdir()
+    _save_tiny(tmp_path / "run" / "model.pt")
+    _save_tiny(tmp_path / "b.pt")
+    segmenter = load_segmenter([str(tmp_path / "run"), str(tmp_path / "b.pt")], device="cpu")
+    assert len(segmenter.predictor.models) == 2
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "model file not found"),
+        (b"garbage", "not a readable model file"),
+        ("wrong-format", "not a cellnest model file"),
+        ("bad-weights", "weights do not fit the network"),
+    ],
+)
+def test_bad_model_files(tmp_path, content, message):
+    path = tmp_path / "m.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "wrong-format":
+        torch.save({"format": "something-else"}, path)
+    elif content == "bad-weights":
+        _save_tiny(path)
+        bundle = torch.load(path, weights_only=True)
+        bundle["network"]["cfg"]["channels"] = [8, 16, 32]
+        torch.save(bundle, path)
+    with pytest.raises(ModelFileError, match=message) as err:
+        load_segmenter(str(path), device="cpu")
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model 'nope'.*classical"):
+        load_segmenter("nope")
+
+
+def test_cli_segment_with_model_file_and_all_outputs(tmp_path, synthetic_folder):
+    _save_tiny(tmp_path / "m.pt")
+    out = tmp_path / "out"
+    inputs = sorted((synthetic_folder / "images").iterdir())[:2]
+    argv = ["-q", "segment", *map(str, inputs), "--out", str(out), "--model", str(tmp_path / "m.pt"),
+            "--device", "cpu", "--tile", "128", "--overlap", "0.1", "--overlay", "--measure", "--geojson"]
+    assert main(argv) == 0
+    assert len(list(out.glob("*_label.tiff"))) == 2
+    for suffix in ("_overlay.png", "_cells.csv", "_cells.geojson"):
+        assert len(list(out.glob(f"*{suffix}"))) == 2
+    label = read_labels(next(out.glob("*_label.tiff")))
+    assert label.ndim == 2
