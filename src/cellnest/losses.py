@@ -162,10 +162,18 @@ def deep_supervision_weights(n_heads: int) -> list[float]:
 
 
 def _stride(full: tuple[int, int], head: tuple[int, int]) -> tuple[int, int]:
-    strides = tuple(max(1, f // h) for f, h in zip(full, head))
-    if any(-(-f // s) != h for f, s, h in zip(full, strides, head)):
-        raise ValueError(f"head size {head} is not the target size {full} divided by an integer stride")
-    return strides
+    """Per-axis stride s with ``ceil(full / s) == head``; a power of two where several fit."""
+    if len(full) != 2 or len(head) != 2:
+        raise ValueError(f"expected (H, W) sizes, got target {full} and head {head}")
+    strides = []
+    for f, h in zip(full, head):
+        lo, hi = -(-f // max(h, 1)), ((f - 1) // (h - 1) if h > 1 else f)
+        fits = [s for s in range(lo, hi + 1) if -(-f // s) == h]
+        if not fits:
+            raise ValueError(f"head size {head} is not the target size {full} divided by an integer stride")
+        powers = [s for s in fits if s & (s - 1) == 0]
+        strides.append((powers or fits)[0])
+    return strides[0], strides[1]
 
 
 def downsample_target(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -173,6 +181,8 @@ def downsample_target(target: torch.Tensor, size: tuple[int, int]) -> torch.Tens
 
     ``h = ceil(H / s)``; the picked pixels are those a stride-s head (cropped by
     :class:`~cellnest.nets.wrapper.PadCrop`) sits on, and no class is averaged away.
+    The stride is inferred from the sizes; where several fit (tiny maps) the power of two
+    is taken, as the networks downsample by 2 per level.
     """
     sy, sx = _stride(tuple(target.shape[-2:]), tuple(size))
     return target[:, ::sy, ::sx]
@@ -217,6 +227,9 @@ class DeepSupervisionLoss(nn.Module):
                 weight: torch.Tensor | None = None) -> torch.Tensor:
         """Scalar loss for one logits tensor or a list of heads (main head first)."""
         heads = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+        if not heads:
+            raise ValueError("outputs is an empty list of heads")
+        _check_inputs(heads[0], target, weight)
         weights = deep_supervision_weights(len(heads)) if self.weights is None else self.weights
         if len(weights) != len(heads):
             raise ValueError(f"{len(heads)} heads but {len(weights)} deep-supervision weights")

@@ -36,6 +36,11 @@ def build_unetr(in_channels: int = 3, out_channels: int = 3, img_size: int = 256
     net = UNETR(in_channels=in_channels, out_channels=out_channels, img_size=(img_size, img_size),
                 feature_size=feature_size, hidden_size=hidden_size, mlp_dim=mlp_dim, num_heads=num_heads,
                 proj_type="conv", norm_name=layer_spec(norm), dropout_rate=dropout, spatial_dims=2)
+    # MONAI's transformer blocks register a cross-attention norm that UNETR never uses;
+    # frozen, it neither counts as trainable nor trips DDP's unused-parameter check.
+    for block in net.vit.blocks:
+        if hasattr(block, "norm_cross_attn") and not getattr(block, "with_cross_attention", False):
+            block.norm_cross_attn.requires_grad_(False)
     return PadCrop(net, UNETR_PATCH, pad_mode, tile=img_size)
 
 
