@@ -62,6 +62,26 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cellnest.data import SampleCache
+    from cellnest.recipe import load_recipe
+    from cellnest.train import Budget, parse_duration, train_from_folders
+
+    recipe = load_recipe(args.recipe, args.set or [])
+    budget = Budget(args.epochs, args.steps, parse_duration(args.time_budget) if args.time_budget else None)
+    folds = None
+    if args.folds == "all":
+        folds = list(range(recipe.cv.folds))
+    elif args.fold is not None:
+        folds = [args.fold]
+    cache = SampleCache(args.cache) if args.cache else SampleCache()
+    results = train_from_folders(recipe, args.data, args.out, args.val, folds, budget, args.device, args.resume, cache, not args.quiet)
+    for name, state in results.items():
+        best = f"best validation mean F1 {state.best_f1:.4f} (epoch {state.best_epoch})" if state.best_f1 >= 0 else "no validation"
+        log.info("%s: %d epochs, %d steps, %.1f min; %s", name, state.epoch, state.step, state.seconds / 60, best)
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from cellnest.models import DEFAULT_MODEL, available_models
 
@@ -107,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=None, help="number of images (default: the 4 demo looks)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("train", help="train a network from a recipe on a labelled folder")
+    p.add_argument("--recipe", required=True, help="shipped recipe name (attn-unetpp, re-unet, unet, ...) or a YAML file")
+    p.add_argument("--data", required=True, help="labelled training folder (challenge layout)")
+    p.add_argument("--val", help="labelled validation folder (ignored with --fold/--folds)")
+    p.add_argument("--out", required=True, help="run folder (never overwritten; see --resume)")
+    p.add_argument("--epochs", type=int, help="stop after this many epochs (default: the recipe's)")
+    p.add_argument("--steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--time-budget", help="stop after this much training time, e.g. 30m, 2h, 1h30m")
+    p.add_argument("--fold", type=int, help="train one grouped cross-validation fold (0-based)")
+    p.add_argument("--folds", choices=["all"], help="train every fold, then write folds.md")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--cache", help="sample cache folder (default: $CELLNEST_CACHE or ~/.cache/cellnest)")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("models", help="list the available models")
     p.set_defaults(func=_cmd_models)

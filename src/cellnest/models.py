@@ -20,6 +20,7 @@ Several models form an ensemble whose softmax outputs are averaged.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -107,6 +108,11 @@ class NetworkSegmenter(Segmenter):
         return probabilities_to_instances(self.probabilities(image), self.postprocess)
 
 
+def _plain(values: dict) -> dict:
+    """Only the plain types ``torch.load(weights_only=True)`` accepts (e.g. no TorchVersion)."""
+    return json.loads(json.dumps(values, default=str))
+
+
 def save_model(
     path: str | os.PathLike,
     model: nn.Module,
@@ -126,11 +132,11 @@ def save_model(
     bundle = {
         "format": MODEL_FORMAT,
         "version": MODEL_VERSION,
-        "network": dict(network),
-        "targets": dict(targets),
-        "predictor": predictor.to_dict(),
-        "postprocess": postprocess.to_dict(),
-        "meta": dict(meta or {}),
+        "network": _plain(network),
+        "targets": _plain(targets),
+        "predictor": _plain(predictor.to_dict()),
+        "postprocess": _plain(postprocess.to_dict()),
+        "meta": _plain(meta or {}),
         "state_dict": state,
     }
     return atomic_write(path, lambda tmp: torch.save(bundle, tmp))

@@ -135,7 +135,7 @@ class Predictor:
         """
         if image.ndim != 3:
             raise ValueError(f"expected a (C, H, W) image, got shape {image.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+        x = torch.from_numpy(np.array(image, dtype=np.float32))[None]  # a copy: cached arrays are read-only maps
         roi = (min(self.config.tile, image.shape[1]), min(self.config.tile, image.shape[2]))
         probs = sliding_window_inference(
             x,

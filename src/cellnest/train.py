@@ -1,0 +1,500 @@
+"""Train a network from a recipe: budgets, validation by F1, exact resume, logs, DDP.
+
+A run folder holds::
+
+    recipe.yaml     the resolved recipe (after --set overrides)
+    checkpoint.pt   the latest resumable state (atomic; every few minutes)
+    model.pt        the best model by validation mean F1 (a model file, see cellnest.models)
+    metrics.csv     one row per validation: epoch, step, loss, lr, seconds, F1 per modality
+    curves.png      loss and validation F1 against epochs
+    report.md       what was trained, how long, and how well
+
+Exact resume: a training patch is a pure function of (seed, global patch index)
+(:mod:`cellnest.patches`), and the checkpoint stores the model, optimiser, scheduler,
+gradient scaler, torch RNG state (dropout) and the position inside the epoch; a resumed
+run therefore continues with the very batches an uninterrupted run would have seen. The
+data pipeline uses no global numpy or Python RNG, so those are not stored.
+
+Multi-GPU: ``torchrun --nproc-per-node N -m cellnest train ...`` runs one process per
+device under DistributedDataParallel (NCCL on CUDA, Gloo on CPU); ranks draw disjoint
+patches, and only rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cellnest.augment import build_augmentation
+from cellnest.data import Item, Sample, SampleCache
+from cellnest.io import atomic_write
+from cellnest.losses import build_loss
+from cellnest.models import save_model
+from cellnest.nets import build_model
+from cellnest.patches import PatchDataset, ResumableSampler
+from cellnest.predict import resolve_device
+from cellnest.recipe import Recipe
+from cellnest.validate import Validation, summary_line, tune_thresholds, validate
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("recipe.yaml", "checkpoint.pt", "model.pt", "metrics.csv")
+
+
+class RunFolderError(ValueError):
+    """The run folder exists and would be overwritten, or cannot be resumed."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When to stop; the first limit reached wins (None = no limit; epochs from the recipe)."""
+
+    epochs: int | None = None
+    steps: int | None = None
+    seconds: float | None = None
+
+
+def parse_duration(text: str) -> float:
+    """``"90s"``, ``"30m"``, ``"2h"``, ``"1h30m"`` or plain seconds -> seconds."""
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"cannot read duration {text!r} (examples: 90s, 30m, 2h, 1h30m)")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+class Heads(nn.Module):
+    """Calls ``net.forward_heads``: DDP must wrap the module whose forward is trained."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.net.forward_heads(x)
+
+
+@dataclass
+class State:
+    """Where a run is; saved in every checkpoint."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    seconds: float = 0.0
+    best_f1: float = -1.0
+    best_epoch: int = -1
+    finished: bool = False  # reached its budget and wrote its report
+    validated_step: int = -1  # step of the last validation, on every rank (history is rank 0's)
+    history: list[dict] = field(default_factory=list)
+
+
+def _lr_factor(recipe: Recipe, total_epochs: int):
+    s = recipe.scheduler
+    if s.name == "step":
+        return lambda epoch: s.gamma ** (epoch // s.step_epochs)
+    if s.name == "poly":
+        return lambda epoch: max(1.0 - epoch / max(total_epochs, 1), 0.0) ** 0.9
+    return lambda epoch: 1.0
+
+
+def build_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
+    o = recipe.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def prepare_run_folder(out: Path, resume: bool) -> None:
+    """Refuse to overwrite an earlier run unless resuming it."""
+    existing = [f for f in RUN_FILES if (out / f).exists()]
+    if existing and not resume:
+        raise RunFolderError(f"{out}: already holds a run ({', '.join(existing)}); use --resume or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+
+def load_samples(items: Sequence[Item], recipe: Recipe, cache: SampleCache, progress: bool) -> list[Sample]:
+    """Prepared arrays of every item, from the content-keyed cache."""
+    return [cache.load(item, recipe.targets) for item in tqdm(items, desc="prepare", unit="img", disable=not progress)]
+
+
+class Trainer:
+    """One training run of one model on one split (a fold, or train vs validation folder).
+
+    It receives ready samples and a recipe, builds model, loss, optimiser and data, and
+    runs until the budget is spent. See the module docstring for the run folder.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        train_samples: Sequence[Sample],
+        val_samples: Sequence[Sample],
+        out: str | os.PathLike,
+        budget: Budget = Budget(),
+        device: str = "auto",
+        progress: bool = True,
+    ):
+        self.recipe, self.out, self.budget, self.progress = recipe, Path(out), budget, progress
+        self.train_samples, self.val_samples = list(train_samples), list(val_samples)
+        self.rank, self.world, local_rank = _distributed()
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+            dist.init_process_group(backend)
+        self.device = resolve_device(f"cuda:{local_rank}" if self.world > 1 and torch.cuda.is_available() and device != "cpu" else device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+        torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank
+        model_cfg = recipe.model
+        self.model = build_model(model_cfg.name, **model_cfg.cfg).to(self.device)
+        self.memory_format = torch.channels_last if recipe.train.channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
+        heads: nn.Module = Heads(self.model)
+        if recipe.train.compile:
+            heads = torch.compile(heads)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            heads = nn.parallel.DistributedDataParallel(heads, device_ids=ids)
+        self.heads = heads
+        self.loss = build_loss(recipe.loss.name, **recipe.loss.cfg)
+        self.optimizer = build_optimizer(recipe, self.model.parameters())
+        self.epochs = budget.epochs if budget.epochs is not None else recipe.train.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(recipe, recipe.train.epochs))
+        self.amp = recipe.train.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+        patches = recipe.data.patches_per_epoch or len(self.train_samples)
+        self.per_step = recipe.data.batch_size * self.world
+        self.steps_per_epoch = max(patches // self.per_step, 1)
+        self.dataset = PatchDataset(
+            self.train_samples,
+            patch_size=recipe.data.patch_size,
+            length=self.steps_per_epoch * self.per_step,
+            seed=recipe.train.seed,
+            foreground_fraction=recipe.data.foreground_fraction,
+            augment=build_augmentation(recipe.augment),
+        )
+        self.state = State()
+
+    # -- checkpoints -------------------------------------------------------------------
+    def _checkpoint(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": asdict(self.state),
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.rank == 0:
+            atomic_write(self.out / "checkpoint.pt", lambda tmp: torch.save(self._checkpoint(), tmp))
+
+    def resume(self) -> None:
+        """Restore everything from ``checkpoint.pt`` (see the module docstring)."""
+        path = self.out / "checkpoint.pt"
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+        except (OSError, RuntimeError, KeyError, ValueError) as err:
+            raise RunFolderError(f"{path}: cannot resume ({str(err).splitlines()[0]})") from None
+        self.state = State(**ckpt["state"])
+        torch.set_rng_state(ckpt["rng_torch"])
+        if ckpt["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        log.info("resumed %s at epoch %d, step %d", self.out, self.state.epoch, self.state.step)
+
+    # -- one step ----------------------------------------------------------------------
+    def _step(self, batch: dict) -> float:
+        image = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        classes = batch["classes"].to(self.device, non_blocking=True)
+        weights = batch["weights"].to(self.device, non_blocking=True) if self.loss.uses_weight_map else None
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+            outputs = self.heads(image)
+        loss = self.loss([o.float() for o in outputs], classes, weights)
+        self.scaler.scale(loss).backward()
+        if self.recipe.train.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach())
+
+    def _out_of_budget(self) -> bool:
+        """Same answer on every rank (rank 0's clock decides)."""
+        b, s = self.budget, self.state
+        stop = (b.steps is not None and s.step >= b.steps) or (b.seconds is not None and s.seconds >= b.seconds)
+        if self.world > 1:
+            flag = torch.tensor([float(stop)], device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        return stop
+
+    # -- validation and records ----------------------------------------------------------
+    def _validate(self, loss: float) -> Validation | None:
+        """Rank 0 validates, logs a metrics row, keeps the best model; others wait."""
+        result = None
+        self.state.validated_step = self.state.step
+        if self.rank == 0:
+            samples = self.val_samples[: self.recipe.train.val_limit]
+            row = {"epoch": self.state.epoch, "step": self.state.step, "train_loss": round(loss, 5),
+                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(self.state.seconds, 1)}
+            if samples:
+                result = validate(self.model, samples, self.recipe.predictor, self.recipe.postprocess, self.device)
+                row.update({f"f1_{m}": round(s["mean_f1"], 5) for m, s in result.summary.items()})
+                log.info("epoch %d step %d: loss %.4f, validation F1 %s", self.state.epoch, self.state.step, loss, summary_line(result.summary))
+                if result.mean_f1 > self.state.best_f1:
+                    self.state.best_f1, self.state.best_epoch = result.mean_f1, self.state.epoch
+                    self.save_model(self.recipe.postprocess, result)
+            else:
+                self.save_model(self.recipe.postprocess, None)  # no validation set: the latest is the best we know
+            self.state.history.append(row)
+            self.write_metrics()
+        if self.world > 1:
+            dist.barrier()
+        return result
+
+    def save_model(self, postprocess, result: Validation | None, extra: dict | None = None) -> None:
+        m = self.recipe.model
+        meta = {
+            "recipe": self.recipe.name, "epoch": self.state.epoch, "step": self.state.step,
+            "train_seconds": round(self.state.seconds, 1), "device": str(self.device),
+            "host": platform.processor() or platform.machine(), "torch": str(torch.__version__),
+            "validation": result.summary if result else {}, **(extra or {}),
+        }
+        save_model(self.out / "model.pt", self.model, {"name": m.name, "cfg": dict(m.cfg), "in_channels": 3, "out_channels": 3},
+                   asdict(self.recipe.targets), self.recipe.predictor, postprocess, meta)
+
+    def write_metrics(self) -> None:
+        rows = self.state.history
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.out / "metrics.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
+        write_curves(self.out / "curves.png", rows)
+
+    # -- the loop ------------------------------------------------------------------------
+    def fit(self) -> State:
+        """Train until the budget is spent; returns the final state."""
+        recipe, state = self.recipe, self.state
+        if self.rank == 0:
+            atomic_write(self.out / "recipe.yaml", lambda tmp: tmp.write_text(recipe.to_yaml()))
+        self.model.train()
+        first_step = state.step
+        last_save, loss_avg, stop = time.monotonic(), float("nan"), False
+        while state.epoch < self.epochs and not stop:
+            sampler = ResumableSampler(self.dataset.length, start=state.batch_in_epoch * self.per_step,
+                                       epoch=state.epoch, rank=self.rank, world_size=self.world)
+            # Its own generator: a DataLoader iterator otherwise draws a seed from the global
+            # torch RNG, which a resumed run would then consume at a different point.
+            loader = DataLoader(self.dataset, batch_size=recipe.data.batch_size, sampler=sampler,
+                                num_workers=recipe.data.num_workers, drop_last=True,
+                                generator=torch.Generator().manual_seed(recipe.train.seed + state.epoch))
+            bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{self.epochs}", unit="step",
+                       initial=state.batch_in_epoch, total=self.steps_per_epoch, disable=not self.progress or self.rank != 0, leave=False)
+            for batch in bar:
+                if self._out_of_budget():
+                    stop = True
+                    break
+                start = time.monotonic()
+                loss = self._step(batch)
+                state.seconds += time.monotonic() - start
+                state.step += 1
+                state.batch_in_epoch += 1
+                loss_avg = loss if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss
+                bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                patches_s=f"{self.per_step / max(time.monotonic() - start, 1e-9):.1f}")
+                every = recipe.train.checkpoint_steps
+                if (every and state.step % every == 0) or time.monotonic() - last_save > 60 * recipe.train.checkpoint_minutes:
+                    self.save_checkpoint()
+                    last_save = time.monotonic()
+            bar.close()
+            if stop:
+                break
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            self.scheduler.step()
+            if state.epoch % recipe.train.val_every == 0 or state.epoch == self.epochs:
+                self._validate(loss_avg)
+                self.save_checkpoint()
+                last_save = time.monotonic()
+        if state.finished and state.step == first_step:
+            return state  # a finished run resumed under the same budget: nothing to redo
+        if state.validated_step != state.step:
+            self._validate(loss_avg)
+        if self.rank == 0:
+            self.finish()
+        state.finished = True
+        self.save_checkpoint()
+        return state
+
+    def finish(self) -> None:
+        """Tune post-processing thresholds on validation data for the best model; write the report."""
+        tuned_note = ""
+        samples = self.val_samples[: self.recipe.train.val_limit]
+        if samples and self.recipe.train.tune_postprocess and (self.out / "model.pt").exists():
+            from cellnest.models import build_network, read_model_file
+
+            bundle = read_model_file(self.out / "model.pt")
+            best = build_network(bundle)
+            result = validate(best, samples, self.recipe.predictor, self.recipe.postprocess, self.device, keep_probabilities=True)
+            tuned, tuned_f1 = tune_thresholds(result.probabilities, samples, self.recipe.postprocess)
+            if tuned_f1 > result.mean_f1:
+                self.model.load_state_dict(best.state_dict())
+                self.save_model(tuned, result, {"postprocess_tuned_f1": round(tuned_f1, 5), "postprocess_untuned_f1": round(result.mean_f1, 5)})
+                tuned_note = f"Post-processing thresholds tuned on the validation images: mean F1 {result.mean_f1:.4f} -> {tuned_f1:.4f}."
+            else:
+                tuned_note = f"Threshold tuning found nothing better than the recipe's (mean F1 {result.mean_f1:.4f})."
+        write_report(self.out, self.recipe, self.state, self.budget, tuned_note)
+
+
+def write_curves(path: Path, rows: Sequence[dict]) -> None:
+    """Loss and validation F1 against epochs, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss (EMA)", title="loss")
+    for key in sorted({k for r in rows for k in r if k.startswith("f1_")}):
+        ax_f1.plot(epochs, [r.get(key, np.nan) for r in rows], marker="o", label=key[3:], linewidth=2.5 if key == "f1_all" else 1)
+    ax_f1.set(xlabel="epoch", ylabel="mean F1 (IoU 0.5)", title="validation F1", ylim=(0, 1))
+    if ax_f1.lines:
+        ax_f1.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+
+def write_report(out: Path, recipe: Recipe, state: State, budget: Budget, note: str) -> None:
+    """``report.md``: recipe, budget, time, and the validation table of the best model."""
+    from cellnest.metrics import format_table
+    from cellnest.models import read_model_file
+
+    lines = [f"# Training report: {recipe.name}", "", recipe.description, "",
+             f"- stopped at epoch {state.epoch}, step {state.step}, after {state.seconds / 60:.1f} min of training",
+             f"- budget: epochs {budget.epochs or recipe.train.epochs}, steps {budget.steps}, seconds {budget.seconds}",
+             f"- best validation mean F1 {state.best_f1:.4f} at epoch {state.best_epoch}" if state.best_f1 >= 0 else "- no validation data",
+             f"- torch {torch.__version__} on {platform.processor() or platform.machine()}", ""]
+    if (out / "model.pt").exists():
+        meta = read_model_file(out / "model.pt")["meta"]
+        if meta.get("validation"):
+            lines += ["Validation of `model.pt` (challenge F1, recipe post-processing):", "", format_table(meta["validation"]), ""]
+    if note:
+        lines += [note, ""]
+    lines += ["Files: `model.pt` (best model), `metrics.csv`, `curves.png`, `recipe.yaml`, `checkpoint.pt`.", ""]
+    atomic_write(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines)))
+
+
+def train_from_folders(
+    recipe: Recipe,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    val: str | os.PathLike | None = None,
+    folds: Sequence[int] | None = None,
+    budget: Budget = Budget(),
+    device: str = "auto",
+    resume: bool = False,
+    cache: SampleCache | None = None,
+    progress: bool = True,
+) -> dict[str, State]:
+    """Train on a labelled folder: against a validation folder, or on grouped folds.
+
+    Parameters
+    ----------
+    data : labelled folder (challenge layout) to train on.
+    out : run folder; with ``folds``, one sub-folder ``fold<k>`` per fold plus
+        ``folds.md``, the table of fold F1s (each fold's ``model.pt`` is kept for ensembling).
+    val : labelled folder to validate on (without ``folds``); None = no validation.
+    folds : fold indices of ``recipe.cv.folds`` grouped folds to train (validation = the
+        held-out fold; ``val`` is then ignored).
+
+    Returns
+    -------
+    ``{run name: final State}``.
+    """
+    from cellnest.data import grouped_kfold, load_folder
+
+    out = Path(out)
+    cache = cache or SampleCache()
+    items = load_folder(data, require_labels=True)
+    splits: dict[str, tuple[list[Item], list[Item]]] = {}
+    if folds is not None:
+        k = recipe.cv.folds
+        bad = [f for f in folds if not 0 <= f < k]
+        if bad:
+            raise ValueError(f"fold {bad[0]} out of range: the recipe has {k} folds (0..{k - 1})")
+        pairs = grouped_kfold(items, k, recipe.cv.seed)
+        for f in folds:
+            train_idx, val_idx = pairs[f]
+            splits[f"fold{f}"] = ([items[i] for i in train_idx], [items[i] for i in val_idx])
+    else:
+        splits[""] = (items, load_folder(val, require_labels=True) if val is not None else [])
+    results = {}
+    for name, (train_items, val_items) in splits.items():
+        run_dir = out / name if name else out
+        resuming = resume and (run_dir / "checkpoint.pt").exists()
+        if resume and not resuming and not name:
+            raise RunFolderError(f"{run_dir}: nothing to resume (no checkpoint.pt)")
+        prepare_run_folder(run_dir, resuming)
+        log.info("%s: %d training and %d validation images -> %s", name or "run", len(train_items), len(val_items), run_dir)
+        train_samples = load_samples(train_items, recipe, cache, progress)
+        val_samples = load_samples(val_items, recipe, cache, progress)
+        trainer = Trainer(recipe, train_samples, val_samples, run_dir, budget, device, progress)
+        if resume and (run_dir / "checkpoint.pt").exists():
+            trainer.resume()
+        results[name or "run"] = trainer.fit()
+    if folds is not None and len(folds) > 1 and _distributed()[0] == 0:
+        write_fold_summary(out, results)
+    return results
+
+
+def write_fold_summary(out: Path, results: dict[str, State]) -> None:
+    """``folds.md``: best validation F1 of every fold, with mean and standard deviation."""
+    lines = ["| fold | best epoch | best mean F1 |", "|---|---|---|"]
+    scores = []
+    for name, state in results.items():
+        lines.append(f"| {name} | {state.best_epoch} | {state.best_f1:.4f} |")
+        scores.append(state.best_f1)
+    lines.append(f"| mean +/- sd | | {np.mean(scores):.4f} +/- {np.std(scores):.4f} |")
+    atomic_write(out / "folds.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    log.info("fold summary:\n%s", "\n".join(lines))

@@ -1,0 +1,117 @@
+"""Training: the loss falls, a SIGKILLed run resumes to the identical model, and DDP runs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cellnest.cli import main
+from cellnest.models import load_segmenter
+from cellnest.synthetic import write_synthetic_folder
+from cellnest.train import parse_duration
+
+TINY = [
+    "model.name=unet", "model.cfg={channels: [8, 16, 32], strides: [2, 2], num_res_units: 1}",
+    "data.patch_size=64", "data.batch_size=4", "data.patches_per_epoch=16",
+    "optimizer.lr=3e-3", "predictor.tile=128", "train.val_every=2", "train.checkpoint_minutes=100",
+]
+
+
+def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    args = ["-q", "train", "--recipe", "unet", "--data", str(data / "train"), "--out", str(out), "--device", "cpu"]
+    for item in TINY:
+        args += ["--set", item]
+    return args + list(extra)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> Path:
+    """train/ (6 synthetic images) and val/ (2) in the challenge layout."""
+    root = tmp_path_factory.mktemp("split")
+    for part, count, seed in (("train", 6, 10), ("val", 2, 50)):
+        write_synthetic_folder(root / part, count=count, seed=seed)
+    return root
+
+
+def test_training_reduces_loss_and_writes_the_run(split, tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLNEST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(_train_args(split, out, "--val", str(split / "val"), "--epochs", "8")) == 0
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [2, 4, 6, 8]
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert {"f1_all", "f1_fluorescence", "f1_brightfield"} <= set(rows[0])
+    for name in ("model.pt", "checkpoint.pt", "recipe.yaml", "curves.png", "report.md"):
+        assert (out / name).is_file(), name
+    assert "Training report: unet" in (out / "report.md").read_text()
+    segmenter = load_segmenter(str(out / "model.pt"), device="cpu")  # the run's model segments
+    assert segmenter.predictor.config.tile == 128
+
+
+
+def test_run_folder_is_never_silently_overwritten(split, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").write_bytes(b"an earlier run")
+    assert main(_train_args(split, tmp_path / "run", "--epochs", "1")) == 2
+    assert "already holds a run (model.pt); use --resume" in capsys.readouterr().err
+    assert (tmp_path / "run" / "model.pt").read_bytes() == b"an earlier run"
+    assert main(_train_args(split, tmp_path / "fresh", "--epochs", "1", "--resume")) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_parse_duration():
+    assert parse_duration("90s") == 90 and parse_duration("30m") == 1800 and parse_duration("1h30m") == 5400
+    with pytest.raises(ValueError, match="cannot read duration"):
+        parse_duration("soon")
+
+
+def _final_weights(out: Path) -> dict:
+    return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(split, tmp_path):
+    env = {**os.environ, "CELLNEST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    # Dropout on, so the torch RNG state matters; checkpoint every 3 steps; 20 steps in all.
+    extra = ["--steps", "20", "--set", "train.checkpoint_steps=3", "--set", "model.cfg.dropout=0.2",
+             "--set", "train.val_every=1000", "--set", "train.tune_postprocess=false"]
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, "-m", "cellnest", *_train_args(split, reference, *extra)], check=True, env=env)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "cellnest", *_train_args(split, killed, *extra)], env=env)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    step_at_kill = torch.load(killed / "checkpoint.pt", weights_only=True)["state"]["step"]
+    assert step_at_kill < 20
+    subprocess.run([sys.executable, "-m", "cellnest", *_train_args(split, killed, *extra), "--resume"], check=True, env=env)
+
+    final = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert final["state"]["step"] == 20
+    expected = _final_weights(reference)
+    for key, value in _final_weights(killed).items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_ddp_two_processes_on_cpu(split, tmp_path):
+    env = {**os.environ, "CELLNEST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+               "-m", "cellnest", *_train_args(split, out, "--steps", "4", "--set", "train.tune_postprocess=false",
+                                               "--val", str(split / "val"))]
+    subprocess.run(command, check=True, env=env, timeout=300)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["state"]
+    assert state["step"] == 4 and state["finished"]
+    assert (out / "model.pt").is_file() and (out / "metrics.csv").is_file()
