@@ -28,19 +28,28 @@ def test_segment_then_evaluate(tmp_path, synthetic_folder, capsys):
     assert summary["summary"]["all"]["mean_f1"] > 0.7 and summary["missing_predictions"] == []
 
 
-def test_bad_file_is_reported_and_batch_continues(tmp_path, synthetic_folder, capsys):
+def test_bad_files_are_reported_and_batch_continues(tmp_path, synthetic_folder, capsys):
+    import tifffile
+
     inputs = tmp_path / "in"
     shutil.copytree(synthetic_folder / "images", inputs)
     (inputs / "broken.tif").write_bytes(b"not a tiff at all")
+    (inputs / "empty.png").write_bytes(b"")
+    (inputs / "notes.jpg").write_text("a text file with an image suffix")
+    tifffile.imwrite(inputs / "stack.tif", np.zeros((2, 3, 16, 16), np.uint8))
+    tifffile.imwrite(inputs / "nan.tif", np.full((16, 16), np.nan, np.float32))
     out = tmp_path / "out"
     code = main(["-q", "segment", str(inputs), str(tmp_path / "nothing*.png"), "--out", str(out)])
     assert code == 1
-    err = capsys.readouterr()
-    assert "broken.tif: corrupt" in err.out + err.err
-    assert len(list(out.glob("*_label.tiff"))) == 8
+    printed = "".join(capsys.readouterr())
+    for name, message in [("broken.tif", "corrupt"), ("empty.png", "file is empty"), ("notes.jpg", "corrupt or not an image"),
+                          ("stack.tif", "expected a 2-D image"), ("nan.tif", "image contains NaN")]:
+        assert f"{name}: {message}" in printed, name
+    assert len(list(out.glob("*_label.tiff"))) == 8  # every good image was segmented
     with open(out / "summary.csv") as fh:
         errors = {r["name"]: r["error"] for r in csv.DictReader(fh) if r["error"]}
-    assert set(errors) == {"broken", "nothing*"}
+    assert set(errors) == {"broken", "empty", "notes", "stack", "nan", "nothing*"}
+    assert all("\n" not in e for e in errors.values())
 
 
 def test_missing_prediction_counts_as_zero(tmp_path, synthetic_folder, capsys):

@@ -88,3 +88,17 @@ def test_cli_segment_with_model_file_and_all_outputs(tmp_path, synthetic_folder)
         assert len(list(out.glob(f"*{suffix}"))) == 2
     label = read_labels(next(out.glob("*_label.tiff")))
     assert label.ndim == 2
+
+
+def test_tune_command_chooses_post_processing(tmp_path, synthetic_folder, monkeypatch, capsys):
+    monkeypatch.setenv("CELLNEST_CACHE", str(tmp_path / "cache"))
+    _save_tiny(tmp_path / "m.pt", method="components")
+    argv = ["-q", "tune", "--model", str(tmp_path / "m.pt"), "--data", str(synthetic_folder), "--out", str(tmp_path / "tuned.pt"),
+            "--limit", "2", "--device", "cpu"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert all(f"| {m} |" in table for m in ("components", "closing", "watershed"))
+    meta = read_model_file(tmp_path / "tuned.pt")["meta"]
+    assert set(meta["postprocess_methods_f1"]) == {"components", "closing", "watershed"}
+    assert meta["postprocess_tuned_f1"] == max(meta["postprocess_methods_f1"].values())
+    assert main(argv[:-4] + ["--out", str(tmp_path / "m.pt")]) == 2  # never overwrites its input

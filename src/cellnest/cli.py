@@ -82,6 +82,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from cellnest.validate import retune_model_file
+
+    config, f1, per_method = retune_model_file(args.model, args.data, args.out, args.methods, args.device, args.limit, not args.quiet)
+    print("| post-processing | best mean F1 |\n|---|---|")
+    for method, score in per_method.items():
+        print(f"| {method} | {score:.4f} |")
+    log.info("chose %s (mean F1 %.4f) -> %s", config.to_dict(), f1, args.out)
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from cellnest.models import DEFAULT_MODEL, available_models
 
@@ -143,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--cache", help="sample cache folder (default: $CELLNEST_CACHE or ~/.cache/cellnest)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("tune", help="choose a model's post-processing method and thresholds on labelled images")
+    p.add_argument("--model", required=True, help="model file (.pt) or run folder")
+    p.add_argument("--data", required=True, help="labelled folder (challenge layout)")
+    p.add_argument("--out", required=True, help="where the re-tuned model file goes (not the input)")
+    p.add_argument("--methods", nargs="+", default=["components", "closing", "watershed"], help="methods to try")
+    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser("models", help="list the available models")
     p.set_defaults(func=_cmd_models)

@@ -139,6 +139,11 @@ def save_model(
         "meta": _plain(meta or {}),
         "state_dict": state,
     }
+    return write_model_file(path, bundle)
+
+
+def write_model_file(path: str | os.PathLike, bundle: dict) -> Path:
+    """Write a model-file dict atomically (temporary file, then rename)."""
     return atomic_write(path, lambda tmp: torch.save(bundle, tmp))
 
 

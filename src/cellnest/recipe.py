@@ -130,7 +130,9 @@ class TrainConfig:
     checkpoint_minutes / checkpoint_steps : save a resumable checkpoint this often.
     amp : float16 autocast on CUDA (never on CPU). channels_last, compile: see docs.
     grad_clip : max gradient norm (nnU-Net uses 12); None disables.
-    tune_postprocess : choose post-processing thresholds on the validation set at the end.
+    tune_postprocess : choose post-processing on the validation set at the end: each of
+        ``tune_methods`` with its threshold grid (cellnest.validate.TUNE_GRIDS); the best
+        method and thresholds are stored in model.pt.
     """
 
     epochs: int = 100
@@ -144,6 +146,7 @@ class TrainConfig:
     compile: bool = False
     grad_clip: float | None = 12.0
     tune_postprocess: bool = True
+    tune_methods: tuple[str, ...] = ("components", "closing", "watershed")
 
 
 @dataclass(frozen=True)

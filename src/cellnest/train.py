@@ -372,13 +372,17 @@ class Trainer:
             bundle = read_model_file(self.out / "model.pt")
             best = build_network(bundle)
             result = validate(best, samples, self.recipe.predictor, self.recipe.postprocess, self.device, keep_probabilities=True)
-            tuned, tuned_f1 = tune_thresholds(result.probabilities, samples, self.recipe.postprocess)
+            tuned, tuned_f1, per_method = tune_thresholds(result.probabilities, samples, self.recipe.postprocess, self.recipe.train.tune_methods)
+            methods = ", ".join(f"{m} {f:.4f}" for m, f in per_method.items())
             if tuned_f1 > result.mean_f1:
                 self.model.load_state_dict(best.state_dict())
-                self.save_model(tuned, result, {"postprocess_tuned_f1": round(tuned_f1, 5), "postprocess_untuned_f1": round(result.mean_f1, 5)})
-                tuned_note = f"Post-processing thresholds tuned on the validation images: mean F1 {result.mean_f1:.4f} -> {tuned_f1:.4f}."
+                self.save_model(tuned, result, {"postprocess_tuned_f1": round(tuned_f1, 5), "postprocess_untuned_f1": round(result.mean_f1, 5),
+                                                "postprocess_methods_f1": per_method})
+                tuned_note = (f"Post-processing tuned on the validation images: mean F1 {result.mean_f1:.4f} with the recipe's "
+                              f"{self.recipe.postprocess.method} -> {tuned_f1:.4f} with {tuned.method} ({tuned.to_dict()}). "
+                              f"Best mean F1 per method: {methods}.")
             else:
-                tuned_note = f"Threshold tuning found nothing better than the recipe's (mean F1 {result.mean_f1:.4f})."
+                tuned_note = f"Tuning found nothing better than the recipe's post-processing (mean F1 {result.mean_f1:.4f}; per method: {methods})."
         write_report(self.out, self.recipe, self.state, self.budget, tuned_note)
 
 
