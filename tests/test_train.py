@@ -68,6 +68,16 @@ def test_run_folder_is_never_silently_overwritten(split, tmp_path, capsys):
     assert "nothing to resume" in capsys.readouterr().err
 
 
+def test_resume_refuses_a_changed_recipe(split, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CELLNEST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(_train_args(split, out, "--steps", "2")) == 0
+    assert main(_train_args(split, out, "--steps", "4", "--resume", "--set", "optimizer.lr=1e-2")) == 2
+    assert "differs from the run's recipe.yaml in ['optimizer']" in capsys.readouterr().err
+    assert main(_train_args(split, out, "--steps", "4", "--resume")) == 0  # same recipe, bigger budget: continues
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] == 4
+
+
 def test_parse_duration():
     assert parse_duration("90s") == 90 and parse_duration("30m") == 1800 and parse_duration("1h30m") == 5400
     with pytest.raises(ValueError, match="cannot read duration"):
@@ -82,7 +92,7 @@ def test_sigkill_then_resume_equals_uninterrupted(split, tmp_path):
     env = {**os.environ, "CELLNEST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     # Dropout on, so the torch RNG state matters; checkpoint every 3 steps; 20 steps in all.
     extra = ["--steps", "20", "--set", "train.checkpoint_steps=3", "--set", "model.cfg.dropout=0.2",
-             "--set", "train.val_every=1000", "--set", "train.tune_postprocess=false"]
+             "--set", "train.val_every=2", "--val", str(split / "val")]
     reference = tmp_path / "reference"
     subprocess.run([sys.executable, "-m", "cellnest", *_train_args(split, reference, *extra)], check=True, env=env)
 
@@ -103,6 +113,20 @@ def test_sigkill_then_resume_equals_uninterrupted(split, tmp_path):
     expected = _final_weights(reference)
     for key, value in _final_weights(killed).items():
         assert torch.equal(value, expected[key]), key
+    reference_ckpt = torch.load(reference / "checkpoint.pt", weights_only=True)
+    for a, b in zip(final["optimizer"]["state"].values(), reference_ckpt["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert final["state"]["best_f1"] == reference_ckpt["state"]["best_f1"]
+    best_killed = torch.load(killed / "model.pt", weights_only=True)
+    best_reference = torch.load(reference / "model.pt", weights_only=True)
+    assert best_killed["postprocess"] == best_reference["postprocess"]
+    assert all(torch.equal(v, best_reference["state_dict"][k]) for k, v in best_killed["state_dict"].items())
+    assert _f1_rows(killed) == _f1_rows(reference)
+
+
+def _f1_rows(run: Path) -> list[dict]:
+    """metrics.csv without its wall-clock and loss-average columns."""
+    return [{k: v for k, v in r.items() if k.startswith("f1_") or k in ("epoch", "step")} for r in csv.DictReader(open(run / "metrics.csv"))]
 
 
 def test_ddp_two_processes_on_cpu(split, tmp_path):

@@ -82,6 +82,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_selftrain(args: argparse.Namespace) -> int:
+    from cellnest.data import SampleCache
+    from cellnest.recipe import load_recipe
+    from cellnest.selftrain import self_train
+    from cellnest.train import Budget, parse_duration
+
+    overrides = list(args.set or [])
+    for key, value in (("method", args.method), ("rounds", args.rounds)):
+        if value is not None:
+            overrides.append(f"selftrain.{key}={value}")
+    recipe = load_recipe(args.recipe, overrides)
+    budget = Budget(args.epochs, args.steps, parse_duration(args.time_budget) if args.time_budget else None)
+    cache = SampleCache(args.cache) if args.cache else SampleCache()
+    rows = self_train(recipe, args.labeled, args.unlabeled, args.out, args.val, args.teacher, budget, args.device,
+                      args.resume, cache, not args.quiet)
+    for row in rows:
+        log.info("round %s: %s", row["round"], ", ".join(f"{k[3:]} {v:.4f}" for k, v in row.items() if k.startswith("f1_")) or "no validation")
+    return 0
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     from cellnest.validate import retune_model_file
 
@@ -155,6 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="sample cache folder (default: $CELLNEST_CACHE or ~/.cache/cellnest)")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("selftrain", help="learn from unlabelled images: pseudo-label rounds or teacher-student consistency")
+    p.add_argument("--recipe", required=True, help="recipe name or YAML file (its selftrain section sets the method)")
+    p.add_argument("--labeled", required=True, help="labelled training folder")
+    p.add_argument("--unlabeled", required=True, help="folder of unlabelled images")
+    p.add_argument("--val", help="labelled validation folder")
+    p.add_argument("--out", required=True, help="run folder: round0 (teacher), round1, ... and selftrain.md")
+    p.add_argument("--method", choices=["pseudo_label", "consistency"], help="override the recipe's method")
+    p.add_argument("--rounds", type=int, help="student rounds after the teacher (default: the recipe's)")
+    p.add_argument("--teacher", help="start from this model file instead of training round 0")
+    p.add_argument("--epochs", type=int, help="per-round epoch budget")
+    p.add_argument("--steps", type=int, help="per-round step budget")
+    p.add_argument("--time-budget", help="per-round training time, e.g. 20m")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted self-training run")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache", help="sample cache folder")
+    p.set_defaults(func=_cmd_selftrain)
+
     p = sub.add_parser("tune", help="choose a model's post-processing method and thresholds on labelled images")
     p.add_argument("--model", required=True, help="model file (.pt) or run folder")
     p.add_argument("--data", required=True, help="labelled folder (challenge layout)")
@@ -174,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except (ValueError, OSError) as err:  # user-fixable: bad input, config, path or permission
         print(f"cellnest: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

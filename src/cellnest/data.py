@@ -148,6 +148,16 @@ class TargetConfig:
     class_balance: bool = True
     border_on: str = "background"
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.lower_percentile < self.upper_percentile <= 100:
+            raise ValueError(f"need 0 <= lower_percentile < upper_percentile <= 100, got {self.lower_percentile}, {self.upper_percentile}")
+        if not isinstance(self.boundary_width, int) or self.boundary_width < 1:
+            raise ValueError(f"boundary_width must be an integer >= 1, got {self.boundary_width!r}")
+        if self.sigma <= 0 or self.w0 < 0:
+            raise ValueError(f"need sigma > 0 and w0 >= 0, got sigma={self.sigma}, w0={self.w0}")
+        if self.border_on not in ("background", "all"):
+            raise ValueError(f"border_on must be 'background' or 'all', got {self.border_on!r}")
+
 
 @dataclass
 class Sample:
@@ -196,9 +206,10 @@ def load_sample(item: Item, config: TargetConfig) -> Sample:
     """Read an item's files and prepare its arrays (no cache)."""
     image = read_image(item.image)
     labels = read_labels(item.label) if item.label is not None else None
-    if labels is not None and labels.shape != image.shape[:2]:
-        raise ImageReadError(item.label, f"label shape {labels.shape} differs from image shape {image.shape[:2]}")
-    return prepare_sample(image, labels, config, item.name, item.modality)
+    try:
+        return prepare_sample(image, labels, config, item.name, item.modality)
+    except ValueError as err:  # name the label file, not just the item
+        raise ImageReadError(item.label or item.image, str(err).split(": ", 1)[-1]) from None
 
 
 def default_cache_dir() -> Path:

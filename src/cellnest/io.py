@@ -16,7 +16,7 @@ Every failure raises :class:`ImageReadError` whose message is one line naming th
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable
 
@@ -26,8 +26,6 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")
 TIFF_SUFFIXES = (".tif", ".tiff")
 # A channel axis has at most this many entries; anything larger is a stack or a spatial axis.
 MAX_CHANNELS = 4
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class ImageReadError(ValueError):
@@ -163,19 +161,21 @@ def label_dtype(labels: np.ndarray) -> np.dtype:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
 
-    A crash leaves either the old file or the new one, never half a file. The temporary
-    name keeps the suffix so that writers that pick a format by extension still work.
+    A crash leaves either the old file or the new one, never half a file: the data is
+    flushed to disk (fsync) before the rename. The temporary name keeps the suffix so
+    that writers that pick a format by extension still work; the writer creates the file,
+    so it gets the usual permissions (umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
     try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

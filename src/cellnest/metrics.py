@@ -157,6 +157,9 @@ def match_counts(
     One :class:`Counts` per threshold.
     """
     true, pred = np.asarray(true), np.asarray(pred)
+    for name, labels in (("ground truth", true), ("prediction", pred)):
+        if labels.dtype.kind not in "iub" or (labels.size and labels.min() < 0):
+            raise ValueError(f"{name} must be a non-negative integer instance map, got dtype {labels.dtype}")
     if true.shape != pred.shape:
         raise ValueError(f"shape mismatch: ground truth {true.shape} vs prediction {pred.shape}")
     if true.ndim != 2:

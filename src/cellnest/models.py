@@ -175,9 +175,11 @@ def build_network(bundle: dict, path: str | os.PathLike = "<model>") -> nn.Modul
     spec = bundle["network"]
     try:
         model = build_model(spec["name"], spec.get("in_channels", 3), spec.get("out_channels", 3), **spec.get("cfg", {}))
-        state = {k: (v.float() if v.is_floating_point() else v) for k, v in bundle["state_dict"].items()}
-        model.load_state_dict(state)
-    except (KeyError, ValueError, RuntimeError) as err:
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelFileError(path, f"cannot build its network ({str(err).splitlines()[0]})") from None
+    try:
+        model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in bundle["state_dict"].items()})
+    except (RuntimeError, AttributeError) as err:
         raise ModelFileError(path, f"weights do not fit the network ({str(err).splitlines()[0]})") from None
     return model
 
@@ -235,6 +237,9 @@ def load_segmenter(
     classes = {b["network"].get("out_channels", 3) for b in bundles}
     if len(classes) > 1:
         raise ValueError(f"ensemble members disagree on the number of classes: {sorted(classes)}")
+    percentiles = {(b.get("targets", {}).get("lower_percentile"), b.get("targets", {}).get("upper_percentile")) for b in bundles}
+    if len(percentiles) > 1:
+        raise ValueError(f"ensemble members normalise differently (percentiles {sorted(percentiles, key=str)}); they cannot share one input")
     predictor_config = PredictorConfig.from_dict({**first["predictor"], **(predictor or {})})
     targets = first.get("targets", {})
     name = "+".join(Path(s).stem if s not in shipped_models() else s for s in specs)

@@ -54,8 +54,9 @@ class PatchDataset(Dataset):
     image_weights : relative probability of each sample (default: uniform).
 
     Images smaller than P are padded to P at a random offset: image with 0, classes with 0
-    (background), weights with 1.0. Zero padding is what ``sliding_window_inference`` does
-    to small images at prediction time, so the network sees the same thing in both places.
+    (background), weights with 1.0, so the padding is learnt as empty background. (At
+    prediction time a small image runs whole, with only the network's reflect padding to
+    its size multiple: the padded area never reaches the post-processing.)
 
     Returns per index a dict: ``image`` (3, P, P) float32 tensor, ``classes`` (P, P) int64,
     ``weights`` (P, P) float32 (ones when the sample has no weight map), ``index`` int.

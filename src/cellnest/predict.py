@@ -70,7 +70,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``"auto"``/None -> CUDA if available, else CPU; otherwise the named device."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r} (use auto, cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
     return device

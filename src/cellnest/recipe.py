@@ -58,6 +58,15 @@ def _section(cls, data: dict | None, where: str):
         raise RecipeError(f"{where}: {err}") from None
 
 
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class NamedConfig:
     """A registry name plus its keyword arguments (networks, losses)."""
@@ -119,6 +128,15 @@ class DataConfig:
     foreground_fraction: float = 0.33
     num_workers: int = 0
 
+    def __post_init__(self) -> None:
+        _require(isinstance(self.patch_size, int) and self.patch_size >= 16, f"patch_size must be an integer >= 16, got {self.patch_size!r}")
+        _require(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        _require(self.patches_per_epoch is None or (isinstance(self.patches_per_epoch, int) and self.patches_per_epoch >= 1),
+                 f"patches_per_epoch must be null or an integer >= 1, got {self.patches_per_epoch!r}")
+        _require(_is_number(self.foreground_fraction) and 0 <= self.foreground_fraction <= 1,
+                 f"foreground_fraction must be in [0, 1], got {self.foreground_fraction!r}")
+        _require(isinstance(self.num_workers, int) and self.num_workers >= 0, f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -148,6 +166,21 @@ class TrainConfig:
     tune_postprocess: bool = True
     tune_methods: tuple[str, ...] = ("components", "closing", "watershed")
 
+    def __post_init__(self) -> None:
+        from cellnest.postprocess import METHODS
+
+        for name in ("epochs", "val_every"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+        _require(self.val_limit is None or (isinstance(self.val_limit, int) and self.val_limit >= 1), f"val_limit must be null or >= 1, got {self.val_limit!r}")
+        _require(_is_number(self.checkpoint_minutes) and self.checkpoint_minutes > 0, f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes!r}")
+        _require(self.checkpoint_steps is None or (isinstance(self.checkpoint_steps, int) and self.checkpoint_steps >= 1),
+                 f"checkpoint_steps must be null or an integer >= 1, got {self.checkpoint_steps!r}")
+        _require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _require(self.grad_clip is None or (_is_number(self.grad_clip) and self.grad_clip > 0), f"grad_clip must be null or > 0, got {self.grad_clip!r}")
+        unknown = [m for m in self.tune_methods if m not in METHODS]
+        _require(not unknown, f"tune_methods has unknown method(s) {unknown}; valid: {sorted(METHODS)}")
+
 
 @dataclass(frozen=True)
 class CVConfig:
@@ -155,6 +188,45 @@ class CVConfig:
 
     folds: int = 5
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.folds, int) and self.folds >= 2, f"folds must be an integer >= 2, got {self.folds!r}")
+
+
+@dataclass(frozen=True)
+class SelfTrainConfig:
+    """Semi-supervised learning from unlabelled images (:mod:`cellnest.selftrain`).
+
+    method : "pseudo_label" (Re-Unet) or "consistency" (Attention U-Net++).
+    rounds : student generations after the teacher.
+    finetune_lr : learning rate of the students (they start from the teacher).
+    confidence : pseudo-label pixels whose top class probability is below this get weight
+        0 (0 = every pixel counts).
+    consistency_weight : weight of the consistency term against the supervised loss.
+    ema : mean-teacher decay (e.g. 0.99); None keeps the teacher fixed.
+    unlabeled_batch : unlabelled patches per step (consistency).
+    gamma_range, noise_std : the strong view's intensity changes (consistency).
+    overlays : pseudo-labelled images per round written with outlines, for a glance.
+    """
+
+    method: str = "pseudo_label"
+    rounds: int = 3
+    finetune_lr: float = 3e-3
+    confidence: float = 0.0
+    consistency_weight: float = 1.0
+    ema: float | None = None
+    unlabeled_batch: int = 4
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    noise_std: float = 0.1
+    overlays: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method not in ("pseudo_label", "consistency"):
+            raise ValueError(f"selftrain method must be 'pseudo_label' or 'consistency', got {self.method!r}")
+        if self.rounds < 1:
+            raise ValueError(f"selftrain rounds must be >= 1, got {self.rounds}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"selftrain ema must be in (0, 1) or null, got {self.ema}")
 
 
 SECTIONS: dict[str, type] = {
@@ -168,6 +240,7 @@ SECTIONS: dict[str, type] = {
     "predictor": PredictorConfig,
     "postprocess": PostprocessConfig,
     "cv": CVConfig,
+    "selftrain": SelfTrainConfig,
 }
 FREE_SECTIONS = ("augment",)  # validated by their own modules' from_dict
 TEXT_KEYS = ("name", "description", "source")
@@ -191,6 +264,7 @@ class Recipe:
     predictor: PredictorConfig
     postprocess: PostprocessConfig
     cv: CVConfig
+    selftrain: SelfTrainConfig
     raw: dict
 
     @classmethod
@@ -204,6 +278,7 @@ class Recipe:
             if required not in data:
                 raise RecipeError(f"{where}: missing section '{required}'")
         built = {name: _section(kind, data.get(name), f"{where}: {name}") for name, kind in SECTIONS.items()}
+        _check_model_and_loss(built["model"], built["loss"], where)
         try:
             augment = AugmentConfig.from_dict(data.get("augment") or {})
         except ValueError as err:
@@ -219,6 +294,24 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.raw, sort_keys=False)
+
+
+def _check_model_and_loss(model: NamedConfig, loss: NamedConfig, where: str) -> None:
+    """Fail at load time, not after the cache is built: names and keys must exist."""
+    from cellnest.losses import build_loss
+    from cellnest.nets import config_keys
+
+    try:
+        valid = config_keys(model.name)
+        unknown = sorted(set(model.cfg) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown cfg key(s) {unknown} for {model.name!r}; valid: {', '.join(valid)}")
+    except ValueError as err:
+        raise RecipeError(f"{where}: model: {err}") from None
+    try:
+        build_loss(loss.name, **loss.cfg)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"{where}: loss: {err}") from None
 
 
 def recipe_names() -> list[str]:

@@ -112,7 +112,8 @@ def segment_files(
     Returns
     -------
     One :class:`ImageResult` per input file (``error`` set on failure), in input order.
-    Inputs are never overwritten: an output that would land on an input is refused.
+    Inputs are never overwritten: an output that would land on an input, or on an
+    existing file in an input folder (e.g. ground truth ``<name>_label.tiff``), is refused.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,39 +121,65 @@ def segment_files(
     for spec in results:
         log.error(spec.error)
     protected = {p.resolve() for p in paths}
+    input_folders = {p.resolve().parent for p in paths}
+    writes_beside_inputs = out_dir.resolve() in input_folders
     claimed: dict[str, Path] = {}
     bar = tqdm(paths, desc=f"segment ({segmenter.name})", unit="img", disable=not progress)
-    for path in bar:
-        result = ImageResult(str(path), path.stem)
-        results.append(result)
-        target = out_dir / f"{path.stem}_label.tiff"
-        extras = [out_dir / f"{path.stem}{suffix}" for suffix in ("_overlay.png", "_cells.csv", "_cells.geojson")]
-        try:
-            if path.stem in claimed:
-                raise ImageReadError(path, f"output name collides with {claimed[path.stem]} (same file stem)")
-            clash = next((t for t in [target, *extras] if t.resolve() in protected), None)
-            if clash is not None:
-                raise ImageReadError(path, f"refusing to overwrite input file {clash}")
-            claimed[path.stem] = path
-            start = time.perf_counter()
-            image = read_image(path, dtype=None)  # native dtype: a large uint8 image stays small
-            labels = segmenter(image, progress=progress)
-            write_labels(target, labels)
-            if outputs.overlay:
-                write_png(extras[0], overlay_outlines(image, labels))
-            if outputs.measure:
-                write_measurements(extras[1], measure_cells(labels, image))
-            if outputs.geojson:
-                write_geojson(extras[2], labels, name=path.stem)
-            result.seconds = time.perf_counter() - start
-            result.cells = int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
-            result.output = str(target)
-            bar.set_postfix(cells=result.cells, s=f"{result.seconds:.2f}")
-        except (ImageReadError, ValueError, OSError) as err:
-            result.error = str(err) if isinstance(err, ImageReadError) else f"{path}: {err}"
-            tqdm.write(f"error: {result.error}")
-    write_summary(out_dir / "summary.csv", results)
+    try:
+        for path in bar:
+            results.append(_segment_one(path, out_dir, segmenter, outputs, protected, writes_beside_inputs, claimed, progress))
+            if results[-1].error:
+                tqdm.write(f"error: {results[-1].error}")
+            else:
+                bar.set_postfix(cells=results[-1].cells, s=f"{results[-1].seconds:.2f}")
+    finally:  # even an interrupted batch leaves its summary
+        write_summary(out_dir / "summary.csv", results)
     return results
+
+
+def _segment_one(
+    path: Path,
+    out_dir: Path,
+    segmenter: Segmenter,
+    outputs: Outputs,
+    protected: set[Path],
+    writes_beside_inputs: bool,
+    claimed: dict[str, Path],
+    progress: bool,
+) -> ImageResult:
+    """Segment one file; any failure is recorded in the result, never raised."""
+    result = ImageResult(str(path), path.stem)
+    target = out_dir / f"{path.stem}_label.tiff"
+    extras = [out_dir / f"{path.stem}{suffix}" for suffix in ("_overlay.png", "_cells.csv", "_cells.geojson")]
+    try:
+        if path.stem in claimed:
+            raise ImageReadError(path, f"output name collides with {claimed[path.stem]} (same file stem)")
+        clash = next((t for t in [target, *extras] if t.resolve() in protected), None)
+        if clash is not None:
+            raise ImageReadError(path, f"refusing to overwrite input file {clash}")
+        # Beside the inputs, an existing <name>_label.tiff is likely ground truth: keep it.
+        existing = next((t for t in [target, *extras] if writes_beside_inputs and t.exists()), None)
+        if existing is not None:
+            raise ImageReadError(path, f"refusing to overwrite existing {existing} beside the inputs; choose another --out")
+        claimed[path.stem] = path
+        start = time.perf_counter()
+        image = read_image(path, dtype=None)  # native dtype: a large uint8 image stays small
+        labels = segmenter(image, progress=progress)
+        write_labels(target, labels)
+        if outputs.overlay:
+            write_png(extras[0], overlay_outlines(image, labels))
+        if outputs.measure:
+            write_measurements(extras[1], measure_cells(labels, image))
+        if outputs.geojson:
+            write_geojson(extras[2], labels, name=path.stem)
+        result.seconds = time.perf_counter() - start
+        result.cells = int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
+        result.output = str(target)
+    except ImageReadError as err:
+        result.error = str(err)
+    except (ValueError, OSError, RuntimeError, MemoryError) as err:  # e.g. out of (GPU) memory on one image
+        result.error = f"{path}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    return result
 
 
 def write_summary(path: Path, results: Sequence[ImageResult]) -> Path:

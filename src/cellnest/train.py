@@ -30,12 +30,14 @@ import os
 import platform
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
+import yaml
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
@@ -92,6 +94,23 @@ class Heads(nn.Module):
         return self.net.forward_heads(x)
 
 
+class ExtraTerm(Protocol):
+    """An extra loss on extra inputs, added to the supervised loss at every step.
+
+    The trainer concatenates ``inputs()`` to the labelled batch so that one forward pass
+    serves both (DDP allows one per step), hands the extra part of the main head's logits
+    to ``loss()``, and calls ``after_step()`` after the optimiser step. Its state goes into
+    checkpoints. Used by the teacher-student consistency term (:mod:`cellnest.selftrain`).
+    """
+
+    def setup(self, student: nn.Module, device: torch.device) -> None: ...
+    def inputs(self, step: int, device: torch.device) -> tuple[torch.Tensor, object]: ...
+    def loss(self, logits: torch.Tensor, context: object) -> torch.Tensor: ...
+    def after_step(self, student: nn.Module) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 @dataclass
 class State:
     """Where a run is; saved in every checkpoint."""
@@ -123,7 +142,7 @@ def build_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
 
-def _distributed() -> tuple[int, int, int]:
+def distributed_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
@@ -159,20 +178,32 @@ class Trainer:
         budget: Budget = Budget(),
         device: str = "auto",
         progress: bool = True,
+        init_weights: dict[str, torch.Tensor] | None = None,
+        extra: "ExtraTerm | None" = None,
     ):
         self.recipe, self.out, self.budget, self.progress = recipe, Path(out), budget, progress
-        self.train_samples, self.val_samples = list(train_samples), list(val_samples)
-        self.rank, self.world, local_rank = _distributed()
+        self.extra = extra
+        self.train_samples = list(train_samples)
+        self.val_subset = list(val_samples)[: recipe.train.val_limit]
+        # Validation uses the training memory format: a Predictor converts the model it gets.
+        self.predictor_config = replace(recipe.predictor, channels_last=recipe.train.channels_last)
+        self.rank, self.world, local_rank = distributed_env()
         if self.world > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
-            dist.init_process_group(backend)
+            # Rank 0 validates and tunes alone; the others wait, so allow hours, not NCCL's default.
+            dist.init_process_group(backend, timeout=timedelta(hours=3))
         self.device = resolve_device(f"cuda:{local_rank}" if self.world > 1 and torch.cuda.is_available() and device != "cpu" else device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
         torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank
         model_cfg = recipe.model
-        self.model = build_model(model_cfg.name, **model_cfg.cfg).to(self.device)
+        self.model = build_model(model_cfg.name, **model_cfg.cfg)
+        if init_weights is not None:  # warm start (self-training students start from their teacher)
+            self.model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in init_weights.items()})
+        self.model.to(self.device)
+        if extra is not None:
+            extra.setup(self.model, self.device)
         self.memory_format = torch.channels_last if recipe.train.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
         heads: nn.Module = Heads(self.model)
@@ -185,7 +216,7 @@ class Trainer:
         self.loss = build_loss(recipe.loss.name, **recipe.loss.cfg)
         self.optimizer = build_optimizer(recipe, self.model.parameters())
         self.epochs = budget.epochs if budget.epochs is not None else recipe.train.epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(recipe, recipe.train.epochs))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(recipe, self.epochs))
         self.amp = recipe.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
@@ -212,6 +243,7 @@ class Trainer:
             "state": asdict(self.state),
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "extra": self.extra.state_dict() if self.extra is not None else {},
         }
 
     def save_checkpoint(self) -> None:
@@ -221,18 +253,25 @@ class Trainer:
     def resume(self) -> None:
         """Restore everything from ``checkpoint.pt`` (see the module docstring)."""
         path = self.out / "checkpoint.pt"
+        saved = yaml.safe_load((self.out / "recipe.yaml").read_text()) if (self.out / "recipe.yaml").exists() else None
+        current = yaml.safe_load(self.recipe.to_yaml())
+        if saved is not None and saved != current:
+            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            raise RunFolderError(f"{self.out}: the recipe differs from the run's recipe.yaml in {changed}; resume with the same recipe and --set values")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.scaler.load_state_dict(ckpt["scaler"])
-        except (OSError, RuntimeError, KeyError, ValueError) as err:
+            self.state = State(**ckpt["state"])
+            if self.extra is not None:
+                self.extra.load_state_dict(ckpt.get("extra", {}))
+            torch.set_rng_state(ckpt["rng_torch"])
+            if ckpt["rng_cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
             raise RunFolderError(f"{path}: cannot resume ({str(err).splitlines()[0]})") from None
-        self.state = State(**ckpt["state"])
-        torch.set_rng_state(ckpt["rng_torch"])
-        if ckpt["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
         log.info("resumed %s at epoch %d, step %d", self.out, self.state.epoch, self.state.step)
 
     # -- one step ----------------------------------------------------------------------
@@ -241,15 +280,23 @@ class Trainer:
         classes = batch["classes"].to(self.device, non_blocking=True)
         weights = batch["weights"].to(self.device, non_blocking=True) if self.loss.uses_weight_map else None
         self.optimizer.zero_grad(set_to_none=True)
+        if self.extra is not None:  # one forward pass for both (DDP allows one per step)
+            extra_input, context = self.extra.inputs(self.state.step, self.device)
+            image = torch.cat([image, extra_input.contiguous(memory_format=self.memory_format)])
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             outputs = self.heads(image)
-        loss = self.loss([o.float() for o in outputs], classes, weights)
+        n = classes.shape[0]
+        loss = self.loss([o[:n].float() for o in outputs], classes, weights)
+        if self.extra is not None:
+            loss = loss + self.extra.loss(outputs[0][n:].float(), context)
         self.scaler.scale(loss).backward()
         if self.recipe.train.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.train.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.extra is not None:
+            self.extra.after_step(self.model)
         return float(loss.detach())
 
     def _out_of_budget(self) -> bool:
@@ -268,11 +315,11 @@ class Trainer:
         result = None
         self.state.validated_step = self.state.step
         if self.rank == 0:
-            samples = self.val_samples[: self.recipe.train.val_limit]
+            samples = self.val_subset
             row = {"epoch": self.state.epoch, "step": self.state.step, "train_loss": round(loss, 5),
                    "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(self.state.seconds, 1)}
             if samples:
-                result = validate(self.model, samples, self.recipe.predictor, self.recipe.postprocess, self.device)
+                result = validate(self.model, samples, self.predictor_config, self.recipe.postprocess, self.device)
                 row.update({f"f1_{m}": round(s["mean_f1"], 5) for m, s in result.summary.items()})
                 log.info("epoch %d step %d: loss %.4f, validation F1 %s", self.state.epoch, self.state.step, loss, summary_line(result.summary))
                 if result.mean_f1 > self.state.best_f1:
@@ -286,13 +333,13 @@ class Trainer:
             dist.barrier()
         return result
 
-    def save_model(self, postprocess, result: Validation | None, extra: dict | None = None) -> None:
+    def save_model(self, postprocess, result: Validation | None) -> None:
         m = self.recipe.model
         meta = {
             "recipe": self.recipe.name, "epoch": self.state.epoch, "step": self.state.step,
             "train_seconds": round(self.state.seconds, 1), "device": str(self.device),
             "host": platform.processor() or platform.machine(), "torch": str(torch.__version__),
-            "validation": result.summary if result else {}, **(extra or {}),
+            "validation": result.summary if result else {},
         }
         save_model(self.out / "model.pt", self.model, {"name": m.name, "cfg": dict(m.cfg), "in_channels": 3, "out_channels": 3},
                    asdict(self.recipe.targets), self.recipe.predictor, postprocess, meta)
@@ -311,10 +358,10 @@ class Trainer:
     def fit(self) -> State:
         """Train until the budget is spent; returns the final state."""
         recipe, state = self.recipe, self.state
-        if self.rank == 0:
+        if self.rank == 0 and not (self.out / "recipe.yaml").exists():
             atomic_write(self.out / "recipe.yaml", lambda tmp: tmp.write_text(recipe.to_yaml()))
         self.model.train()
-        first_step = state.step
+        first_step, seconds_before, fit_start = state.step, state.seconds, time.monotonic()
         last_save, loss_avg, stop = time.monotonic(), float("nan"), False
         while state.epoch < self.epochs and not stop:
             sampler = ResumableSampler(self.dataset.length, start=state.batch_in_epoch * self.per_step,
@@ -327,12 +374,12 @@ class Trainer:
             bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{self.epochs}", unit="step",
                        initial=state.batch_in_epoch, total=self.steps_per_epoch, disable=not self.progress or self.rank != 0, leave=False)
             for batch in bar:
+                state.seconds = seconds_before + time.monotonic() - fit_start  # wall clock: data, steps, validation
                 if self._out_of_budget():
                     stop = True
                     break
                 start = time.monotonic()
                 loss = self._step(batch)
-                state.seconds += time.monotonic() - start
                 state.step += 1
                 state.batch_in_epoch += 1
                 loss_avg = loss if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss
@@ -358,6 +405,8 @@ class Trainer:
             self._validate(loss_avg)
         if self.rank == 0:
             self.finish()
+        if self.world > 1:
+            dist.barrier()
         state.finished = True
         self.save_checkpoint()
         return state
@@ -365,19 +414,19 @@ class Trainer:
     def finish(self) -> None:
         """Tune post-processing thresholds on validation data for the best model; write the report."""
         tuned_note = ""
-        samples = self.val_samples[: self.recipe.train.val_limit]
+        samples = self.val_subset
         if samples and self.recipe.train.tune_postprocess and (self.out / "model.pt").exists():
-            from cellnest.models import build_network, read_model_file
+            from cellnest.models import build_network, read_model_file, write_model_file
 
             bundle = read_model_file(self.out / "model.pt")
-            best = build_network(bundle)
-            result = validate(best, samples, self.recipe.predictor, self.recipe.postprocess, self.device, keep_probabilities=True)
+            result = validate(build_network(bundle), samples, self.predictor_config, self.recipe.postprocess, self.device, keep_probabilities=True)
             tuned, tuned_f1, per_method = tune_thresholds(result.probabilities, samples, self.recipe.postprocess, self.recipe.train.tune_methods)
             methods = ", ".join(f"{m} {f:.4f}" for m, f in per_method.items())
             if tuned_f1 > result.mean_f1:
-                self.model.load_state_dict(best.state_dict())
-                self.save_model(tuned, result, {"postprocess_tuned_f1": round(tuned_f1, 5), "postprocess_untuned_f1": round(result.mean_f1, 5),
-                                                "postprocess_methods_f1": per_method})
+                bundle["postprocess"] = tuned.to_dict()
+                bundle["meta"].update({"postprocess_tuned_f1": round(tuned_f1, 5), "postprocess_untuned_f1": round(result.mean_f1, 5),
+                                       "postprocess_methods_f1": per_method})
+                write_model_file(self.out / "model.pt", bundle)
                 tuned_note = (f"Post-processing tuned on the validation images: mean F1 {result.mean_f1:.4f} with the recipe's "
                               f"{self.recipe.postprocess.method} -> {tuned_f1:.4f} with {tuned.method} ({tuned.to_dict()}). "
                               f"Best mean F1 per method: {methods}.")
@@ -487,8 +536,10 @@ def train_from_folders(
         if resume and (run_dir / "checkpoint.pt").exists():
             trainer.resume()
         results[name or "run"] = trainer.fit()
-    if folds is not None and len(folds) > 1 and _distributed()[0] == 0:
+    if folds is not None and len(folds) > 1 and distributed_env()[0] == 0:
         write_fold_summary(out, results)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return results
 
 
