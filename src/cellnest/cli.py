@@ -102,6 +102,18 @@ def _cmd_selftrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from cellnest.compare import load_comparison, run_comparison
+
+    comparison = load_comparison(args.config)
+    rows = run_comparison(comparison, args.data, args.val, args.out, args.model, args.unlabeled, args.device, not args.quiet)
+    for row in rows:
+        if row["modality"] == "all":
+            print(f"{row['variant']}: mean F1 {row['mean_f1']:.4f} +/- {row['sd']:.4f} (95% CI {row['ci_low']:.4f}-{row['ci_high']:.4f})")
+    log.info("table: %s", Path(args.out) / "table.md")
+    return 0
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
     from cellnest.validate import retune_model_file
 
@@ -192,6 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--cache", help="sample cache folder")
     p.set_defaults(func=_cmd_selftrain)
+
+    p = sub.add_parser("compare", help="rerun a comparison (variants x seeds, equal budget) and write a table and plot")
+    p.add_argument("config", help="shipped comparison (table3, table4, postprocess, selftrain) or a YAML file")
+    p.add_argument("--data", help="labelled training folder (train and selftrain comparisons)")
+    p.add_argument("--val", required=True, help="labelled folder every variant is scored on")
+    p.add_argument("--out", required=True, help="comparison folder (finished runs are reused, interrupted ones resumed)")
+    p.add_argument("--model", help="the trained model of a postprocess comparison")
+    p.add_argument("--unlabeled", help="unlabelled images of a selftrain comparison")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("tune", help="choose a model's post-processing method and thresholds on labelled images")
     p.add_argument("--model", required=True, help="model file (.pt) or run folder")

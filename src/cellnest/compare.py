@@ -1,0 +1,277 @@
+"""Rerun a paper's comparison with one command: variants x seeds under an equal budget.
+
+A comparison is a YAML file (shipped ones in ``cellnest/comparisons/``)::
+
+    name: table3
+    description: ...
+    kind: train            # train | postprocess
+    budget: {steps: 300}   # or {time: 5m} or {epochs: 10}: the same for every variant
+    seeds: [0, 1, 2]
+    set: [...]             # overrides applied to every variant (budget-driven sizes)
+    variants:
+      - {name: U-Net, recipe: unet, set: [...]}
+      - {name: Attention U-Net++, recipe: attn-unetpp}
+
+``train``: every (variant, seed) is trained into ``OUT/<variant>/seed<k>`` (a finished
+run is reused, an interrupted one resumed), then its ``model.pt`` is scored per image on
+the validation folder. ``postprocess``: one trained model (``--model``) predicts the
+validation images once, and every variant's ``postprocess`` settings decode the same
+probabilities (no retraining; ``seeds`` is ignored). ``selftrain``: the first variant's
+recipe runs ``cellnest selftrain`` per seed (``--unlabeled``); the supervised teacher and
+every round's student are the rows.
+
+The table gives, per variant and modality, the mean F1 over seeds with its standard
+deviation and a 95% bootstrap interval (images resampled with replacement, the same
+draw for every seed, 2000 draws), as ``table.md``/``table.csv``, and ``bars.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import yaml
+
+from cellnest.data import SampleCache, TargetConfig, load_folder
+from cellnest.io import atomic_write
+from cellnest.metrics import ImageScore, score_image
+from cellnest.postprocess import PostprocessConfig, probabilities_to_instances
+from cellnest.recipe import RecipeError, load_recipe
+
+log = logging.getLogger(__name__)
+
+COMPARISONS_DIR = Path(__file__).with_name("comparisons")
+KINDS = ("train", "postprocess", "selftrain")
+BOOTSTRAP_DRAWS = 2000
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    recipe: str | None = None
+    set: tuple[str, ...] = ()
+    postprocess: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name: str
+    description: str
+    kind: str
+    budget: dict
+    seeds: tuple[int, ...]
+    set: tuple[str, ...]
+    variants: tuple[Variant, ...]
+
+
+def comparison_names() -> list[str]:
+    return sorted(p.stem for p in COMPARISONS_DIR.glob("*.yaml"))
+
+
+def load_comparison(name_or_path: str | os.PathLike) -> Comparison:
+    """A shipped comparison by name, or a YAML file; errors name the file and key."""
+    path = Path(name_or_path)
+    if not path.suffix and (COMPARISONS_DIR / f"{name_or_path}.yaml").is_file():
+        path = COMPARISONS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown comparison '{name_or_path}' (shipped: {', '.join(comparison_names())}, or a .yaml file)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
+    known = {"name", "description", "kind", "budget", "seeds", "set", "variants"}
+    if not isinstance(data, dict) or set(data) - known:
+        raise ValueError(f"{path}: a comparison is a mapping with keys {sorted(known)}")
+    kind = data.get("kind", "train")
+    if kind not in KINDS:
+        raise ValueError(f"{path}: kind must be one of {KINDS}, got {kind!r}")
+    variants = []
+    for entry in data.get("variants") or []:
+        extra = set(entry) - {"name", "recipe", "set", "postprocess"}
+        if "name" not in entry or extra:
+            raise ValueError(f"{path}: each variant needs a name and may have recipe, set, postprocess (got {sorted(entry)})")
+        if kind in ("train", "selftrain") and not entry.get("recipe"):
+            raise ValueError(f"{path}: variant {entry['name']!r} needs a recipe")
+        variants.append(Variant(entry["name"], entry.get("recipe"), tuple(entry.get("set") or ()), dict(entry.get("postprocess") or {})))
+    if len(variants) < 1:
+        raise ValueError(f"{path}: no variants")
+    budget = dict(data.get("budget") or {})
+    if kind in ("train", "selftrain") and not set(budget) & {"steps", "time", "epochs"}:
+        raise ValueError(f"{path}: a train comparison needs an equal budget: steps, time or epochs")
+    return Comparison(str(data.get("name", path.stem)), str(data.get("description", "")), kind, budget,
+                      tuple(data.get("seeds") or [0]), tuple(data.get("set") or ()), tuple(variants))
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+
+
+def _score_model(model: Path, samples, device: str) -> list[ImageScore]:
+    from cellnest.models import build_network, read_model_file
+    from cellnest.predict import PredictorConfig
+    from cellnest.validate import validate
+
+    bundle = read_model_file(model)
+    result = validate(build_network(bundle, model), samples, PredictorConfig.from_dict(bundle["predictor"]),
+                      PostprocessConfig.from_dict(bundle["postprocess"]), device)
+    return result.scores
+
+
+def _write_scores(path: Path, scores: Sequence[ImageScore]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["name", "modality", "f1"])
+    writer.writeheader()
+    writer.writerows({"name": s.name, "modality": s.modality, "f1": s.f1} for s in scores)
+    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
+
+
+def _read_scores(path: Path) -> list[tuple[str, str, float]]:
+    with open(path, newline="") as fh:
+        return [(r["name"], r["modality"], float(r["f1"])) for r in csv.DictReader(fh)]
+
+
+def run_comparison(
+    comparison: Comparison,
+    data: str | os.PathLike | None,
+    val: str | os.PathLike,
+    out: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    unlabeled: str | os.PathLike | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> list[dict]:
+    """Train or decode every variant, score it, and write the table and plot to ``out``."""
+    from cellnest.train import Budget, parse_duration, train_from_folders
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    val_items = load_folder(val, require_labels=True)
+    per_variant: dict[str, list[list[tuple[str, str, float]]]] = {}
+    if comparison.kind == "train":
+        if data is None:
+            raise ValueError("a train comparison needs --data (the labelled training folder)")
+        b = comparison.budget
+        budget = Budget(b.get("epochs"), b.get("steps"), parse_duration(str(b["time"])) if "time" in b else None)
+        for variant in comparison.variants:
+            runs = []
+            for seed in comparison.seeds:
+                run_dir = out / _slug(variant.name) / f"seed{seed}"
+                scores_path = run_dir / "scores.csv"
+                if not scores_path.exists():
+                    try:
+                        recipe = load_recipe(variant.recipe, [*comparison.set, *variant.set, f"train.seed={seed}"])
+                    except RecipeError as err:
+                        raise ValueError(f"variant {variant.name!r}: {err}") from None
+                    resume = (run_dir / "checkpoint.pt").exists()
+                    train_from_folders(recipe, data, run_dir, val, None, budget, device, resume, progress=progress)
+                    samples = [SampleCache().load(i, recipe.targets) for i in val_items]
+                    _write_scores(scores_path, _score_model(run_dir / "model.pt", samples, device))
+                runs.append(_read_scores(scores_path))
+                log.info("%s seed %d: mean F1 %.4f", variant.name, seed, np.mean([f for _, _, f in runs[-1]]))
+            per_variant[variant.name] = runs
+    elif comparison.kind == "selftrain":
+        if data is None or unlabeled is None:
+            raise ValueError("a selftrain comparison needs --data (labelled) and --unlabeled")
+        from cellnest.selftrain import self_train
+
+        b = comparison.budget
+        budget = Budget(b.get("epochs"), b.get("steps"), parse_duration(str(b["time"])) if "time" in b else None)
+        variant = comparison.variants[0]  # the recipe whose rounds are compared
+        for seed in comparison.seeds:
+            recipe = load_recipe(variant.recipe, [*comparison.set, *variant.set, f"train.seed={seed}"])
+            run_dir = out / f"seed{seed}"
+            if not (run_dir / "selftrain.csv").exists():
+                self_train(recipe, data, unlabeled, run_dir, val, None, budget, device, (run_dir / "round0").exists(), progress=progress)
+            samples = [SampleCache().load(i, recipe.targets) for i in val_items]
+            for r in range(recipe.selftrain.rounds + 1):
+                scores_path = run_dir / f"round{r}" / "scores.csv"
+                if not scores_path.exists():
+                    _write_scores(scores_path, _score_model(run_dir / f"round{r}" / "model.pt", samples, device))
+                name = "supervised (teacher)" if r == 0 else f"{r} round{'s' if r > 1 else ''}"
+                per_variant.setdefault(name, []).append(_read_scores(scores_path))
+    else:
+        if model is None:
+            raise ValueError("a postprocess comparison needs --model (one trained model)")
+        from cellnest.models import build_network, read_model_file
+        from cellnest.predict import Predictor, PredictorConfig
+
+        bundle = read_model_file(model)
+        targets = TargetConfig(**{**bundle.get("targets", {}), "weight_maps": False})
+        samples = [SampleCache().load(i, targets) for i in val_items]
+        predictor = Predictor(build_network(bundle, model), PredictorConfig.from_dict(bundle["predictor"]), device)
+        probabilities = [predictor(np.asarray(s.image)) for s in samples]
+        base = PostprocessConfig.from_dict(bundle["postprocess"])
+        for variant in comparison.variants:
+            config = PostprocessConfig.from_dict({**base.to_dict(), **variant.postprocess})
+            scores = [score_image(np.asarray(s.labels), probabilities_to_instances(p, config), s.name, s.modality)
+                      for s, p in zip(samples, probabilities)]
+            per_variant[variant.name] = [[(s.name, s.modality, s.f1) for s in scores]]
+    rows = summarise(per_variant)
+    write_table(out, comparison, rows)
+    return rows
+
+
+def summarise(per_variant: dict[str, list[list[tuple[str, str, float]]]], seed: int = 0) -> list[dict]:
+    """Mean, sd over seeds and 95% bootstrap interval of F1, per variant and modality.
+
+    Each run is a list of (image, modality, F1) in the same image order. The bootstrap
+    resamples images (the same draw for all seeds of a variant) and averages over seeds.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for variant, runs in per_variant.items():
+        f1 = np.array([[f for _, _, f in run] for run in runs])  # (seeds, images)
+        modalities = np.array([m for _, m, _ in runs[0]])
+        for modality in [*sorted(set(modalities)), "all"]:
+            cols = np.ones(len(modalities), bool) if modality == "all" else modalities == modality
+            sub = f1[:, cols]
+            per_seed = sub.mean(axis=1)
+            draws = rng.integers(0, sub.shape[1], size=(BOOTSTRAP_DRAWS, sub.shape[1]))
+            boot = sub[:, draws].mean(axis=(0, 2))
+            rows.append({
+                "variant": variant, "modality": modality, "n_images": int(sub.shape[1]), "seeds": len(runs),
+                "mean_f1": float(per_seed.mean()), "sd": float(per_seed.std(ddof=1)) if len(runs) > 1 else 0.0,
+                "ci_low": float(np.percentile(boot, 2.5)), "ci_high": float(np.percentile(boot, 97.5)),
+            })
+    return rows
+
+
+def write_table(out: Path, comparison: Comparison, rows: Sequence[dict]) -> None:
+    """``table.md``, ``table.csv`` and ``bars.png`` (mean F1 over all images with its interval)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "table.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
+    lines = [f"# {comparison.name}", "", comparison.description, "", f"Budget: {comparison.budget or 'one trained model'}; "
+             f"seeds: {list(comparison.seeds) if comparison.kind == 'train' else 'n/a'}.", "",
+             "| variant | modality | n | mean F1 | sd (seeds) | 95% bootstrap CI |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['modality']} | {r['n_images']} | {r['mean_f1']:.4f} | {r['sd']:.4f} | "
+                     f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] |")
+    atomic_write(out / "table.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    overall = [r for r in rows if r["modality"] == "all"]
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(overall)), 4))
+    means = [r["mean_f1"] for r in overall]
+    errors = np.array([[r["mean_f1"] - r["ci_low"] for r in overall], [r["ci_high"] - r["mean_f1"] for r in overall]])
+    ax.bar(range(len(overall)), means, yerr=errors, capsize=4, color="#4c72b0")
+    ax.set_xticks(range(len(overall)), [r["variant"] for r in overall], rotation=30, ha="right")
+    ax.set(ylabel="mean F1 (IoU 0.5), 95% CI", title=comparison.name, ylim=(0, 1))
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write(out / "bars.png", lambda tmp: tmp.write_bytes(image.getvalue()))

@@ -1,0 +1,87 @@
+"""A two-variant, one-seed, few-step comparison on synthetic images: table and plot."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellnest.cli import main
+from cellnest.compare import load_comparison, comparison_names, summarise
+from cellnest.synthetic import write_synthetic_folder
+
+TINY = ["model.name=unet", "model.cfg={channels: [8, 16, 32], strides: [2, 2], num_res_units: 1}",
+        "data.patch_size=64", "data.batch_size=2", "data.patches_per_epoch=4", "predictor.tile=128",
+        "train.val_every=1000", "train.tune_postprocess=false"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cmp")
+    write_synthetic_folder(root / "train", count=4, seed=3)
+    write_synthetic_folder(root / "val", count=3, seed=30)
+    return root
+
+
+def test_train_comparison_writes_table_and_plot(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CELLNEST_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "two.yaml"
+    config.write_text(
+        "name: two\nkind: train\nbudget: {steps: 2}\nseeds: [0]\n"
+        f"set: {TINY!r}\n"
+        "variants:\n  - {name: slow lr, recipe: unet, set: ['optimizer.lr=1e-5']}\n  - {name: fast lr, recipe: unet}\n"
+    )
+    out = tmp_path / "out"
+    argv = ["-q", "compare", str(config), "--data", str(data / "train"), "--val", str(data / "val"), "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    assert {r["variant"] for r in rows} == {"slow lr", "fast lr"}
+    overall = [r for r in rows if r["modality"] == "all"]
+    assert all(float(r["ci_low"]) <= float(r["mean_f1"]) <= float(r["ci_high"]) and r["n_images"] == "3" for r in overall)
+    assert "| slow lr | all | 3 |" in (out / "table.md").read_text()
+    assert (out / "bars.png").stat().st_size > 1000
+    assert (out / "slow_lr" / "seed0" / "scores.csv").is_file()
+    stamp = (out / "fast_lr" / "seed0" / "model.pt").stat().st_mtime
+    assert main(argv) == 0  # rerun: finished runs are reused, not retrained
+    assert (out / "fast_lr" / "seed0" / "model.pt").stat().st_mtime == stamp
+
+
+def test_postprocess_comparison_on_one_model(data, tmp_path, monkeypatch):
+    from cellnest.data import TargetConfig
+    from cellnest.models import save_model
+    from cellnest.nets import build_model
+    from cellnest.postprocess import PostprocessConfig
+    from cellnest.predict import PredictorConfig
+
+    monkeypatch.setenv("CELLNEST_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    spec = {"name": "unet", "cfg": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}}
+    save_model(tmp_path / "m.pt", build_model("unet", **spec["cfg"]), spec, asdict(TargetConfig()), PredictorConfig(tile=128), PostprocessConfig())
+    out = tmp_path / "pp"
+    assert main(["-q", "compare", "postprocess", "--val", str(data / "val"), "--out", str(out), "--model", str(tmp_path / "m.pt"), "--device", "cpu"]) == 0
+    variants = {r["variant"] for r in csv.DictReader(open(out / "table.csv"))}
+    assert variants == {"none", "closing", "opening", "both", "components", "watershed"}
+
+
+def test_shipped_comparisons_load_and_bootstrap_brackets_the_mean():
+    assert set(comparison_names()) == {"table3", "table4", "postprocess", "selftrain"}
+    assert [v.name for v in load_comparison("table3").variants] == ["U-Net", "UNETR", "Swin-UNETR", "U-Net++", "Attention U-Net++"]
+    assert len(load_comparison("table4").variants) == 7
+    runs = [[("a", "x", 0.5), ("b", "x", 0.7), ("c", "y", 0.9)], [("a", "x", 0.6), ("b", "x", 0.8), ("c", "y", 1.0)]]
+    rows = {(r["variant"], r["modality"]): r for r in summarise({"v": runs})}
+    assert rows[("v", "all")]["mean_f1"] == pytest.approx(0.75) and rows[("v", "all")]["sd"] == pytest.approx(np.std([0.7, 0.8], ddof=1))
+    assert rows[("v", "x")]["n_images"] == 2 and rows[("v", "y")]["mean_f1"] == pytest.approx(0.95)
+    assert rows[("v", "all")]["ci_low"] <= 0.75 <= rows[("v", "all")]["ci_high"]
+
+
+def test_bad_comparison_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: train\nvariants: [{name: a, recipe: unet}]\n")
+    with pytest.raises(ValueError, match="needs an equal budget"):
+        load_comparison(bad)
+    with pytest.raises(ValueError, match="unknown comparison 'nope'"):
+        load_comparison("nope")
