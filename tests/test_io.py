@@ -28,7 +28,7 @@ def test_read_image_layouts(tmp_path, shape, dtype, suffix, expect_channels):
     data = rng.integers(1, 200, size=shape).astype(dtype)
     path = tmp_path / f"img{suffix}"
     if suffix in (".tif", ".tiff"):
-        tifffile.imwrite(path, data)
+        tifffile.imwrite(path, data, photometric="rgb" if shape[-1] == 3 else "minisblack")
     else:
         iio.imwrite(path, data)
     image = read_image(path)
@@ -54,7 +54,7 @@ def test_read_jpeg(tmp_path):
 
 def test_multipage_tiff_channels(tmp_path):
     pages = np.stack([np.full((10, 12), v, np.uint8) for v in (10, 20, 30)])
-    tifffile.imwrite(tmp_path / "pages.tif", pages)
+    tifffile.imwrite(tmp_path / "pages.tif", pages, photometric="minisblack")
     image = read_image(tmp_path / "pages.tif")
     assert image.shape == (10, 12, 3) and image[0, 0].tolist() == [10, 20, 30]
 
@@ -97,7 +97,7 @@ def test_bad_files_have_one_line_messages(tmp_path, name, content, message):
 )
 def test_bad_arrays_have_clear_messages(tmp_path, array, message):
     path = tmp_path / "bad.tif"
-    tifffile.imwrite(path, array)
+    tifffile.imwrite(path, array, photometric="minisblack")
     with pytest.raises(ImageReadError, match=message):
         read_image(path)
 
@@ -139,6 +139,6 @@ def test_write_labels_is_atomic_on_failure(tmp_path):
 )
 def test_bad_label_files(tmp_path, array, message):
     path = tmp_path / "x_label.tiff"
-    tifffile.imwrite(path, array)
+    tifffile.imwrite(path, array, photometric="minisblack")
     with pytest.raises(ImageReadError, match=message):
         read_labels(path)

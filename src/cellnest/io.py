@@ -56,7 +56,7 @@ def _read_array(path: Path) -> np.ndarray:
         else:
             import imageio.v3 as iio
 
-            array = iio.imread(path)
+            array = iio.imread(path, plugin="pillow")  # not every plugin in turn (a legacy one warns)
     except Exception as err:  # decoders raise many unrelated types; all mean "unreadable"
         raise ImageReadError(path, f"corrupt or not an image ({type(err).__name__}: {err})") from None
     array = np.asarray(array)
