@@ -133,6 +133,17 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_options(p: argparse.ArgumentParser, per: str) -> None:
+    """Budget, overrides, resume, device and cache options of the training commands."""
+    p.add_argument("--epochs", type=int, help=f"stop after this many epochs{per} (default: the recipe's)")
+    p.add_argument("--steps", type=int, help=f"stop after this many optimiser steps{per}")
+    p.add_argument("--time-budget", help=f"stop after this much wall-clock time{per}, e.g. 30m, 2h, 1h30m")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint(s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--cache", help="sample cache folder (default: $CELLNEST_CACHE or ~/.cache/cellnest)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cellnest", description="Microscopy cell instance segmentation.")
     parser.add_argument("--version", action="version", version=f"cellnest {__version__}")
@@ -176,15 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="labelled training folder (challenge layout)")
     p.add_argument("--val", help="labelled validation folder (ignored with --fold/--folds)")
     p.add_argument("--out", required=True, help="run folder (never overwritten; see --resume)")
-    p.add_argument("--epochs", type=int, help="stop after this many epochs (default: the recipe's)")
-    p.add_argument("--steps", type=int, help="stop after this many optimiser steps")
-    p.add_argument("--time-budget", help="stop after this much training time, e.g. 30m, 2h, 1h30m")
     p.add_argument("--fold", type=int, help="train one grouped cross-validation fold (0-based)")
     p.add_argument("--folds", choices=["all"], help="train every fold, then write folds.md")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--cache", help="sample cache folder (default: $CELLNEST_CACHE or ~/.cache/cellnest)")
+    _add_run_options(p, "")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("selftrain", help="learn from unlabelled images: pseudo-label rounds or teacher-student consistency")
@@ -196,13 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["pseudo_label", "consistency"], help="override the recipe's method")
     p.add_argument("--rounds", type=int, help="student rounds after the teacher (default: the recipe's)")
     p.add_argument("--teacher", help="start from this model file instead of training round 0")
-    p.add_argument("--epochs", type=int, help="per-round epoch budget")
-    p.add_argument("--steps", type=int, help="per-round step budget")
-    p.add_argument("--time-budget", help="per-round training time, e.g. 20m")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted self-training run")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--cache", help="sample cache folder")
+    _add_run_options(p, " per round")
     p.set_defaults(func=_cmd_selftrain)
 
     p = sub.add_parser("compare", help="rerun a comparison (variants x seeds, equal budget) and write a table and plot")

@@ -37,13 +37,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import yaml
 
 from cellnest.data import SampleCache, TargetConfig, load_folder
 from cellnest.io import atomic_write
 from cellnest.metrics import ImageScore, score_image
 from cellnest.postprocess import PostprocessConfig, probabilities_to_instances
-from cellnest.recipe import RecipeError, load_recipe
+from cellnest.recipe import RecipeError, load_recipe, read_named_yaml
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +76,7 @@ def comparison_names() -> list[str]:
 
 def load_comparison(name_or_path: str | os.PathLike) -> Comparison:
     """A shipped comparison by name, or a YAML file; errors name the file and key."""
-    path = Path(name_or_path)
-    if not path.suffix and (COMPARISONS_DIR / f"{name_or_path}.yaml").is_file():
-        path = COMPARISONS_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown comparison '{name_or_path}' (shipped: {', '.join(comparison_names())}, or a .yaml file)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
+    path, data = read_named_yaml(name_or_path, COMPARISONS_DIR, "comparison")
     known = {"name", "description", "kind", "budget", "seeds", "set", "variants"}
     if not isinstance(data, dict) or set(data) - known:
         raise ValueError(f"{path}: a comparison is a mapping with keys {sorted(known)}")

@@ -336,6 +336,23 @@ def apply_override(data: dict, assignment: str) -> None:
     node[keys[-1]] = value
 
 
+def read_named_yaml(name_or_path: str | os.PathLike, folder: Path, what: str) -> tuple[Path, Any]:
+    """A shipped YAML file by name (``folder/<name>.yaml``) or any path, parsed.
+
+    Raises RecipeError naming the file (unknown name, invalid YAML).
+    """
+    path = Path(name_or_path)
+    if not path.suffix and (folder / f"{name_or_path}.yaml").is_file():
+        path = folder / f"{name_or_path}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise RecipeError(f"unknown {what} '{name_or_path}' (shipped: {', '.join(shipped)}, or a .yaml file)")
+    try:
+        return path, _parse(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
+
+
 def load_recipe(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
     """Load a shipped recipe by name, or a YAML file, then apply ``--set`` overrides.
 
@@ -343,15 +360,7 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) 
     ------
     RecipeError : unknown name, unreadable YAML, unknown or invalid key (one line).
     """
-    path = Path(name_or_path)
-    if not path.suffix and (RECIPES_DIR / f"{name_or_path}.yaml").is_file():
-        path = RECIPES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise RecipeError(f"unknown recipe '{name_or_path}' (shipped: {', '.join(recipe_names())}, or a .yaml file)")
-    try:
-        data = _parse(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
+    path, data = read_named_yaml(name_or_path, RECIPES_DIR, "recipe")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections")
     for assignment in overrides:
