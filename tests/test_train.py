@@ -139,3 +139,17 @@ def test_ddp_two_processes_on_cpu(split, tmp_path):
     state = torch.load(out / "checkpoint.pt", weights_only=True)["state"]
     assert state["step"] == 4 and state["finished"]
     assert (out / "model.pt").is_file() and (out / "metrics.csv").is_file()
+
+
+def test_cross_validation_folds(split, tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLNEST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cv"
+    assert main(_train_args(split, out, "--folds", "all", "--steps", "1", "--set", "cv.folds=2", "--set", "train.tune_postprocess=false")) == 0
+    for k in (0, 1):
+        assert (out / f"fold{k}" / "model.pt").is_file() and (out / f"fold{k}" / "metrics.csv").is_file()
+    table = (out / "folds.md").read_text()
+    assert "| fold0 |" in table and "| fold1 |" in table and "mean +/- sd" in table
+    from cellnest.models import load_segmenter
+
+    ensemble = load_segmenter([str(out / "fold0"), str(out / "fold1")], device="cpu")  # folds ensemble
+    assert len(ensemble.predictor.models) == 2
