@@ -378,7 +378,11 @@ def probabilities_to_instances(probs: np.ndarray, config: PostprocessConfig = Po
     -------
     (H, W) int32 instance map, 0 = background, cells 1..N sequential.
     """
-    probs = check_probabilities(probs)
+    return _decode(check_probabilities(probs), config)
+
+
+def _decode(probs: np.ndarray, config: PostprocessConfig) -> np.ndarray:
+    """:func:`probabilities_to_instances` on an already checked (3, H, W) float32 map."""
     if probs.size == 0:
         return np.zeros(probs.shape[1:], np.int32)
     labels = METHODS[config.method](probs, config)
@@ -437,7 +441,7 @@ def tune_postprocess(
     keys = list(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
         config = replace(base, **dict(zip(keys, values)))
-        f1 = float(np.mean([score_image(t, probabilities_to_instances(p, config)).f1 for p, t in zip(checked, truths)]))
+        f1 = float(np.mean([score_image(t, _decode(p, config)).f1 for p, t in zip(checked, truths)]))  # checked once above
         log.debug("tune_postprocess %s -> mean F1 %.4f", dict(zip(keys, values)), f1)
         if best is None or f1 > best[1]:
             best = (config, f1)
