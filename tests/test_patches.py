@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from cellnest.augment import AugmentConfig, build_augmentation
 from cellnest.data import Sample, TargetConfig, prepare_sample
-from cellnest.patches import PatchDataset, ResumableSampler
+from cellnest.patches import PatchDataset, ResumableSampler, modality_weights
 from cellnest.synthetic import SyntheticSpec, synthetic_cells
 
 
@@ -144,3 +144,14 @@ def test_sampler_set_epoch_and_validation():
         ResumableSampler(4, rank=2, world_size=2)
     with pytest.raises(ValueError):
         ResumableSampler(4, start=5)
+
+
+def test_modality_weights_share_patches_between_modalities():
+    modalities = ["fluo"] * 9 + ["dic"]
+    assert modality_weights(modalities, 0.0) is None  # uniform over images
+    shares = {}
+    for balance in (0.5, 1.0):
+        w = modality_weights(modalities, balance)
+        shares[balance] = w[-1] / w.sum()
+    assert shares[1.0] == pytest.approx(0.5)  # each modality gets half the patches
+    assert shares[0.5] == pytest.approx(1 / (1 + 9 / 3))  # 9 images at 1/3 each vs 1 at 1

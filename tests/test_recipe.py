@@ -43,6 +43,7 @@ def test_overrides_parse_yaml_values():
         (["oops"], "expected section.key=value"),
         (["colour.x=1"], r"unknown section\(s\) \['colour'\]"),
         (["postprocess.method=magic"], "method must be one of"),
+        (["data.modality_balance=2"], r"modality_balance must be in \[0, 1\]"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, message):

@@ -153,3 +153,22 @@ def test_cross_validation_folds(split, tmp_path, monkeypatch):
 
     ensemble = load_segmenter([str(out / "fold0"), str(out / "fold1")], device="cpu")  # folds ensemble
     assert len(ensemble.predictor.models) == 2
+
+
+def test_fine_tuning_starts_from_the_given_model(split, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CELLNEST_CACHE", str(tmp_path / "cache"))
+    first, tuned = tmp_path / "first", tmp_path / "tuned"
+    assert main(_train_args(split, first, "--steps", "2")) == 0
+    # lr 1e-12: after one step the fine-tuned model still holds the starting weights
+    assert main(_train_args(split, tuned, "--steps", "1", "--init", str(first / "model.pt"), "--set", "optimizer.lr=1e-12")) == 0
+    start = torch.load(first / "model.pt", weights_only=True)["state_dict"]
+    after = torch.load(tuned / "model.pt", weights_only=True)["state_dict"]
+    assert start.keys() == after.keys() and all(torch.allclose(start[k].float(), after[k].float(), atol=1e-8) for k in start)
+    fresh = tmp_path / "fresh"  # the same run without --init ends elsewhere: the weights did come from --init
+    assert main(_train_args(split, fresh, "--steps", "1", "--set", "optimizer.lr=1e-12")) == 0
+    other_start = torch.load(fresh / "model.pt", weights_only=True)["state_dict"]
+    assert not all(torch.allclose(start[k].float(), other_start[k].float(), atol=1e-8) for k in start)
+    assert torch.load(tuned / "model.pt", weights_only=True)["meta"]["init"] == str(first / "model.pt")
+    other = ["--set", "model.cfg={channels: [8, 16], strides: [2], num_res_units: 1}"]
+    assert main(_train_args(split, tmp_path / "bad", "--steps", "1", "--init", str(first / "model.pt"), *other)) == 2
+    assert "not the network of recipe unet" in capsys.readouterr().err

@@ -75,7 +75,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     elif args.fold is not None:
         folds = [args.fold]
     cache = SampleCache(args.cache) if args.cache else SampleCache()
-    results = train_from_folders(recipe, args.data, args.out, args.val, folds, budget, args.device, args.resume, cache, not args.quiet)
+    results = train_from_folders(
+        recipe, args.data, args.out, args.val, folds, budget, args.device, args.resume, cache, not args.quiet, args.init
+    )
     for name, state in results.items():
         best = f"best validation mean F1 {state.best_f1:.4f} (epoch {state.best_epoch})" if state.best_f1 >= 0 else "no validation"
         log.info("%s: %d epochs, %d steps, %.1f min; %s", name, state.epoch, state.step, state.seconds / 60, best)
@@ -125,11 +127,25 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_models(args: argparse.Namespace) -> int:
-    from cellnest.models import DEFAULT_MODEL, available_models
+def _cmd_ship(args: argparse.Namespace) -> int:
+    from cellnest.metrics import format_table
+    from cellnest.ship import ship_model
 
+    shipped = ship_model(args.run, args.name, args.val, args.out, args.train_data, args.command, not args.quiet, force=args.force)
+    print(format_table(shipped.summary))
+    log.info("%.3f s/image, %.2f s per %dx%d image -> %s, %s", shipped.seconds_per_image, shipped.seconds_large,
+             shipped.speed_side, shipped.speed_side, shipped.weights, shipped.card)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from cellnest.models import DEFAULT_MODEL, available_models, shipped_models
+
+    shipped = shipped_models()
     for name in available_models():
-        print(f"{name}{'  (default)' if name == DEFAULT_MODEL else ''}")
+        card = shipped[name].with_suffix(".md") if name in shipped else None
+        where = f"  model card: {card}" if card is not None and card.is_file() else ""
+        print(f"{name}{'  (default)' if name == DEFAULT_MODEL else ''}{where}")
     return 0
 
 
@@ -189,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (never overwritten; see --resume)")
     p.add_argument("--fold", type=int, help="train one grouped cross-validation fold (0-based)")
     p.add_argument("--folds", choices=["all"], help="train every fold, then write folds.md")
+    p.add_argument("--init", help="fine-tune: start from this model (shipped name, .pt or run folder) of the recipe's network")
     _add_run_options(p, "")
     p.set_defaults(func=_cmd_train)
 
@@ -222,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use only the first N images")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser("ship", help="package a run's model as float16 weights with a measured model card")
+    p.add_argument("run", help="run folder (or its model.pt)")
+    p.add_argument("--name", required=True, help="model name users pass to --model")
+    p.add_argument("--val", required=True, help="labelled folder the card's accuracy is measured on")
+    p.add_argument("--out", default=None, help="output folder (default: the package's weights folder)")
+    p.add_argument("--train-data", help="the training folder, whose manifest.csv lists sources and licences")
+    p.add_argument("--command", help="the command that trained the run, quoted in the card")
+    p.add_argument("--force", action="store_true", help="replace an existing NAME.pt and NAME.md")
+    p.set_defaults(func=_cmd_ship)
 
     p = sub.add_parser("models", help="list the available models")
     p.set_defaults(func=_cmd_models)

@@ -51,6 +51,7 @@ class ModelFileError(ValueError):
 
     def __init__(self, path: str | os.PathLike, problem: str):
         super().__init__(f"{path}: {problem}")
+        self.problem = problem
 
 
 @dataclass
@@ -128,7 +129,8 @@ def save_model(
     ``half=True`` stores floating-point weights as float16 (half the size); they are
     cast back to float32 on load.
     """
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = half_state(state) if half else state
     bundle = {
         "format": MODEL_FORMAT,
         "version": MODEL_VERSION,
@@ -140,6 +142,11 @@ def save_model(
         "state_dict": state,
     }
     return write_model_file(path, bundle)
+
+
+def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with its floating-point tensors cast to float16 (integer buffers kept)."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def write_model_file(path: str | os.PathLike, bundle: dict) -> Path:
@@ -194,7 +201,7 @@ def available_models() -> list[str]:
     return ["classical", *shipped_models()]
 
 
-def _resolve(spec: str) -> Path | None:
+def model_path(spec: str) -> Path | None:
     """A model name or path -> a model file path (None for the classical baseline)."""
     if spec == "classical":
         return None
@@ -226,7 +233,7 @@ def load_segmenter(
     ValueError : unknown name, unreadable or mismatched model file (one line).
     """
     specs = [models] if isinstance(models, str) else list(models)
-    paths = [_resolve(s) for s in specs]
+    paths = [model_path(s) for s in specs]
     if any(p is None for p in paths):
         if len(paths) > 1:
             raise ValueError("the classical baseline cannot be part of an ensemble")

@@ -135,6 +135,17 @@ class PatchDataset(Dataset):
         }
 
 
+def modality_weights(modalities: Sequence[str], balance: float) -> np.ndarray | None:
+    """Per-image sampling weights ``1 / n_m ** balance`` (n_m: images of that modality).
+
+    Returns (N,) float64, or None for ``balance == 0`` (uniform over images).
+    """
+    if balance == 0:
+        return None
+    _, inverse, counts = np.unique(np.asarray(modalities, dtype=str), return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse].astype(np.float64) ** float(balance)
+
+
 def _check_sample(sample: Sample) -> None:
     if sample.classes is None:
         raise ValueError(f"sample {sample.name!r} has no classes (unlabelled); PatchDataset needs labelled samples")

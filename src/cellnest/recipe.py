@@ -119,6 +119,10 @@ class DataConfig:
     patches_per_epoch : patches that make one epoch; None = one per training image
         (the challenge baseline's epoch: every image once, one random crop each).
     foreground_fraction : share of patches centred on a cell pixel (nnU-Net: 0.33).
+    modality_balance : exponent b of the image sampling weight 1 / n_m**b (n_m = training
+        images of the image's modality): 0 samples images uniformly (the papers), 1 gives
+        every modality the same share of patches, 0.5 lies between. A generalist needs the
+        rare modalities (40 phase-contrast vs 467 fluorescence images in mmcells/train).
     num_workers : DataLoader worker processes.
     """
 
@@ -126,6 +130,7 @@ class DataConfig:
     batch_size: int = 8
     patches_per_epoch: int | None = None
     foreground_fraction: float = 0.33
+    modality_balance: float = 0.0
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -135,6 +140,8 @@ class DataConfig:
                  f"patches_per_epoch must be null or an integer >= 1, got {self.patches_per_epoch!r}")
         _require(_is_number(self.foreground_fraction) and 0 <= self.foreground_fraction <= 1,
                  f"foreground_fraction must be in [0, 1], got {self.foreground_fraction!r}")
+        _require(_is_number(self.modality_balance) and 0 <= self.modality_balance <= 1,
+                 f"modality_balance must be in [0, 1], got {self.modality_balance!r}")
         _require(isinstance(self.num_workers, int) and self.num_workers >= 0, f"num_workers must be an integer >= 0, got {self.num_workers!r}")
 
 

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import os
-import platform
 import re
 import time
 from datetime import timedelta
@@ -45,11 +45,12 @@ from tqdm import tqdm
 
 from cellnest.augment import build_augmentation
 from cellnest.data import Item, Sample, SampleCache
+from cellnest.hardware import cpu_name
 from cellnest.io import atomic_write
 from cellnest.losses import build_loss
-from cellnest.models import save_model
+from cellnest.models import ModelFileError, build_network, model_path, read_model_file, save_model
 from cellnest.nets import build_model
-from cellnest.patches import PatchDataset, ResumableSampler
+from cellnest.patches import PatchDataset, ResumableSampler, modality_weights
 from cellnest.predict import resolve_device
 from cellnest.recipe import Recipe
 from cellnest.validate import Validation, summary_line, tune_thresholds, validate
@@ -180,9 +181,11 @@ class Trainer:
         progress: bool = True,
         init_weights: dict[str, torch.Tensor] | None = None,
         extra: "ExtraTerm | None" = None,
+        provenance: dict | None = None,
     ):
         self.recipe, self.out, self.budget, self.progress = recipe, Path(out), budget, progress
         self.extra = extra
+        self.provenance = dict(provenance or {})  # e.g. validation folder, fine-tuning start; kept in model.pt
         self.train_samples = list(train_samples)
         self.val_subset = list(val_samples)[: recipe.train.val_limit]
         # Validation uses the training memory format: a Predictor converts the model it gets.
@@ -199,7 +202,7 @@ class Trainer:
         torch.manual_seed(recipe.train.seed)  # identical initial weights on every rank
         model_cfg = recipe.model
         self.model = build_model(model_cfg.name, **model_cfg.cfg)
-        if init_weights is not None:  # warm start (self-training students start from their teacher)
+        if init_weights is not None:  # warm start: fine-tuning (--init), self-training students from their teacher
             self.model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in init_weights.items()})
         self.model.to(self.device)
         if extra is not None:
@@ -230,6 +233,7 @@ class Trainer:
             seed=recipe.train.seed,
             foreground_fraction=recipe.data.foreground_fraction,
             augment=build_augmentation(recipe.augment),
+            image_weights=modality_weights([s.modality for s in self.train_samples], recipe.data.modality_balance),
         )
         self.state = State()
 
@@ -338,8 +342,8 @@ class Trainer:
         meta = {
             "recipe": self.recipe.name, "epoch": self.state.epoch, "step": self.state.step,
             "train_seconds": round(self.state.seconds, 1), "device": str(self.device),
-            "host": platform.processor() or platform.machine(), "torch": str(torch.__version__),
-            "validation": result.summary if result else {},
+            "host": cpu_name(), "torch": str(torch.__version__),
+            "validation": result.summary if result else {}, **self.provenance,
         }
         save_model(self.out / "model.pt", self.model, {"name": m.name, "cfg": dict(m.cfg), "in_channels": 3, "out_channels": 3},
                    asdict(self.recipe.targets), self.recipe.predictor, postprocess, meta)
@@ -467,7 +471,7 @@ def write_report(out: Path, recipe: Recipe, state: State, budget: Budget, note: 
              f"- stopped at epoch {state.epoch}, step {state.step}, after {state.seconds / 60:.1f} min of training",
              f"- budget: epochs {budget.epochs or recipe.train.epochs}, steps {budget.steps}, seconds {budget.seconds}",
              f"- best validation mean F1 {state.best_f1:.4f} at epoch {state.best_epoch}" if state.best_f1 >= 0 else "- no validation data",
-             f"- torch {torch.__version__} on {platform.processor() or platform.machine()}", ""]
+             f"- torch {torch.__version__} on {cpu_name()}", ""]
     if (out / "model.pt").exists():
         meta = read_model_file(out / "model.pt")["meta"]
         if meta.get("validation"):
@@ -489,6 +493,7 @@ def train_from_folders(
     resume: bool = False,
     cache: SampleCache | None = None,
     progress: bool = True,
+    init: str | None = None,
 ) -> dict[str, State]:
     """Train on a labelled folder: against a validation folder, or on grouped folds.
 
@@ -500,6 +505,8 @@ def train_from_folders(
     val : labelled folder to validate on (without ``folds``); None = no validation.
     folds : fold indices of ``recipe.cv.folds`` grouped folds to train (validation = the
         held-out fold; ``val`` is then ignored).
+    init : fine-tune: start from this model (shipped name, model file or run folder)
+        instead of random weights; its network must be the recipe's.
 
     Returns
     -------
@@ -509,6 +516,8 @@ def train_from_folders(
 
     out = Path(out)
     cache = cache or SampleCache()
+    init_weights = initial_weights(init, recipe) if init is not None else None
+    provenance = {"val_data": str(val) if val is not None and folds is None else None, "init": init}
     items = load_folder(data, require_labels=True)
     splits: dict[str, tuple[list[Item], list[Item]]] = {}
     if folds is not None:
@@ -532,7 +541,8 @@ def train_from_folders(
         log.info("%s: %d training and %d validation images -> %s", name or "run", len(train_items), len(val_items), run_dir)
         train_samples = load_samples(train_items, recipe, cache, progress)
         val_samples = load_samples(val_items, recipe, cache, progress)
-        trainer = Trainer(recipe, train_samples, val_samples, run_dir, budget, device, progress)
+        trainer = Trainer(recipe, train_samples, val_samples, run_dir, budget, device, progress, init_weights=init_weights,
+                          provenance=provenance)
         if resume and (run_dir / "checkpoint.pt").exists():
             trainer.resume()
         results[name or "run"] = trainer.fit()
@@ -541,6 +551,26 @@ def train_from_folders(
     if dist.is_initialized():
         dist.destroy_process_group()
     return results
+
+
+def initial_weights(model: str, recipe: Recipe) -> dict[str, torch.Tensor]:
+    """Weights of a model (shipped name, model file or run folder) to fine-tune with ``recipe``.
+
+    Raises ValueError (one line) when its network is not the one ``recipe`` builds.
+    """
+    path = model_path(model)
+    if path is None:
+        raise ValueError("the classical baseline has no weights to fine-tune; give a network model")
+    bundle = read_model_file(path)
+    trained_with = bundle.get("meta", {}).get("recipe", "the recipe it was trained with")
+    # Build the recipe's network and load the weights into it: the only test that accepts
+    # every equivalent spelling of a config and refuses every mismatch.
+    as_recipe = {**bundle, "network": {"name": recipe.model.name, "cfg": dict(recipe.model.cfg), "in_channels": 3, "out_channels": 3}}
+    try:
+        build_network(as_recipe, path)
+    except ModelFileError as err:
+        raise ValueError(f"{path}: not the network of recipe {recipe.name} ({err.problem}); fine-tune with --recipe {trained_with}") from None
+    return bundle["state_dict"]
 
 
 def write_fold_summary(out: Path, results: dict[str, State]) -> None:
