@@ -39,15 +39,20 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=default_data, help="labelled folder (challenge layout)")
     parser.add_argument("--model", action="append", help="model name, file or run folder (repeatable; default: classical)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N images")
+    parser.add_argument("--tile", type=int, help="override the models' sliding-window tile (pixels)")
+    parser.add_argument("--overlap", type=float, help="override the models' window overlap (0-1)")
+    parser.add_argument("--diameter", help="rescale to the models' training cell size: 'auto' or pixels")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     items = load_folder(args.data, require_labels=True)[: args.limit]
     if not items:
         parser.error(f"{args.data}: no labelled images to score")
     print(f"data: {args.data} ({len(items)} images); cpu: {cpu_name()}, torch threads {torch.get_num_threads()}")
+    overrides = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap)) if v is not None}
     results = {}
     for name in args.model or ["classical"]:
-        scores, seconds = score_segmenter(load_segmenter(name), items)
+        diameter = None if args.diameter is None else args.diameter if args.diameter == "auto" else float(args.diameter)
+        scores, seconds = score_segmenter(load_segmenter(name, predictor=overrides, diameter=diameter), items)
         results[name] = (summarize(scores), seconds)
         print(f"\n## {name}: {seconds:.3f} s/image\n")
         print(format_table(results[name][0]))

@@ -13,7 +13,7 @@ from cellnest.io import read_labels
 
 def test_segment_then_evaluate(tmp_path, synthetic_folder, capsys):
     out = tmp_path / "out"
-    assert main(["-q", "segment", str(synthetic_folder), "--out", str(out), "--overlay"]) == 0
+    assert main(["-q", "segment", str(synthetic_folder), "--out", str(out), "--overlay", "--model", "classical"]) == 0
     labels = sorted(out.glob("*_label.tiff"))
     assert len(labels) == 8 and len(list(out.glob("*_overlay.png"))) == 8
     assert read_labels(labels[0]).max() > 0
@@ -39,7 +39,7 @@ def test_bad_files_are_reported_and_batch_continues(tmp_path, synthetic_folder, 
     tifffile.imwrite(inputs / "stack.tif", np.zeros((2, 3, 16, 16), np.uint8))
     tifffile.imwrite(inputs / "nan.tif", np.full((16, 16), np.nan, np.float32))
     out = tmp_path / "out"
-    code = main(["-q", "segment", str(inputs), str(tmp_path / "nothing*.png"), "--out", str(out)])
+    code = main(["-q", "segment", str(inputs), str(tmp_path / "nothing*.png"), "--out", str(out), "--model", "classical"])
     assert code == 1
     printed = "".join(capsys.readouterr())
     for name, message in [("broken.tif", "corrupt"), ("empty.png", "file is empty"), ("notes.jpg", "corrupt or not an image"),
@@ -86,5 +86,5 @@ def test_input_never_overwritten(tmp_path):
     write_labels(image, np.ones((20, 20), np.uint16))
     before = image.read_bytes()
     # Output of "a_label.tiff" is "a_label_label.tiff"; the input stays as it was.
-    main(["-q", "segment", str(image), "--out", str(tmp_path)])
+    main(["-q", "segment", str(image), "--out", str(tmp_path), "--model", "classical"])
     assert image.read_bytes() == before

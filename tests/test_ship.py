@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -29,9 +31,11 @@ def run(tmp_path_factory):
 
 
 def test_ship_writes_half_weights_and_a_measured_card(run, tmp_path):
-    manifest = tmp_path / "train" / "manifest.csv"
-    manifest.parent.mkdir()
-    manifest.write_text("name,modality,source,license\na,DIC,lab1,CC0-1.0\nb,DIC,lab1,CC0-1.0\nc,fluorescence,lab2,MIT\n")
+    train = tmp_path / "train"
+    shutil.copytree(run / "train", train)
+    names = [p.stem for p in sorted((train / "images").iterdir())]
+    sources = [("lab1", "DIC", "CC0-1.0")] * (len(names) - 1) + [("lab2", "fluorescence", "MIT")]
+    (train / "manifest.csv").write_text("name,modality,source,license\n" + "".join(f"{n},{m},{s},{lic}\n" for n, (s, m, lic) in zip(names, sources)))
     shipped = ship_model(run / "run", "tiny", run / "val", tmp_path / "weights", tmp_path / "train", "cellnest train ...", speed_side=256)
     state = torch.load(shipped.weights, weights_only=True)["state_dict"]
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
@@ -40,19 +44,24 @@ def test_ship_writes_half_weights_and_a_measured_card(run, tmp_path):
     assert again == shipped.summary
     card = shipped.card.read_text()
     assert f"| all | 2 | {again['all']['mean_f1']:.4f} | {again['all']['median_f1']:.4f} |" in card
-    assert "| lab1 | DIC | CC0-1.0 | 2 |" in card and "| lab2 | fluorescence | MIT | 1 |" in card
+    assert f"| lab1 | DIC | CC0-1.0 | {len(names) - 1} |" in card and "| lab2 | fluorescence | MIT | 1 |" in card
     assert "`cellnest train ...`" in card and "256 x 256 RGB image" in card
     assert shipped.seconds_large > 0 and shipped.seconds_per_image > 0
+    diameter = torch.load(shipped.weights, weights_only=True)["meta"]["cell_diameter"]
+    assert 5 < diameter < 60 and f"{diameter} px" in card  # synthetic cells: semi-axes 6-14 px
 
 
 def test_ship_cli_from_a_model_file_without_sources(run, tmp_path, capsys):
-    args = ["-q", "ship", str(run / "run" / "model.pt"), "--name", "tiny", "--val", str(run / "val"), "--out", str(tmp_path)]
+    args = ["-q", "ship", str(run / "run" / "model.pt"), "--name", "tiny", "--val", str(run / "val"), "--out", str(tmp_path),
+            "--speed-side", "128"]
     assert main(args) == 0
     card = (tmp_path / "tiny.md").read_text()
     assert "Training data: not recorded" in card and "| all | 2 |" in capsys.readouterr().out
     assert "optimistic by that selection" in card  # --val is the run's validation folder
     assert main(args) == 2 and "already exists; use --force" in capsys.readouterr().err
-    assert main(args + ["--force"]) == 0
+    assert main(args + ["--force", "--tile", "96"]) == 0
+    assert torch.load(tmp_path / "tiny.pt", weights_only=True)["predictor"]["tile"] == 96
+    assert "'tile': 96" in (tmp_path / "tiny.md").read_text()
 
 
 def test_ship_refuses_bad_input_before_writing(run, tmp_path):

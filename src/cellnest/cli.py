@@ -22,7 +22,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from cellnest.segment import Outputs, segment_files
 
     overrides = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap), ("tta", args.tta or None)) if v is not None}
-    segmenter = load_segmenter(args.model or [DEFAULT_MODEL], device=args.device, predictor=overrides)
+    segmenter = load_segmenter(args.model or [DEFAULT_MODEL], device=args.device, predictor=overrides, diameter=args.diameter)
     outputs = Outputs(overlay=args.overlay, measure=args.measure, geojson=args.geojson)
     results = segment_files(args.inputs, args.out, segmenter, outputs, progress=not args.quiet)
     done = [r for r in results if not r.error]
@@ -131,7 +131,9 @@ def _cmd_ship(args: argparse.Namespace) -> int:
     from cellnest.metrics import format_table
     from cellnest.ship import ship_model
 
-    shipped = ship_model(args.run, args.name, args.val, args.out, args.train_data, args.command, not args.quiet, force=args.force)
+    window = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap)) if v is not None}
+    shipped = ship_model(args.run, args.name, args.val, args.out, args.train_data, args.command, not args.quiet,
+                         speed_side=args.speed_side, force=args.force, predictor=window)
     print(format_table(shipped.summary))
     log.info("%.3f s/image, %.2f s per %dx%d image -> %s, %s", shipped.seconds_per_image, shipped.seconds_large,
              shipped.speed_side, shipped.speed_side, shipped.weights, shipped.card)
@@ -147,6 +149,19 @@ def _cmd_models(args: argparse.Namespace) -> int:
         where = f"  model card: {card}" if card is not None and card.is_file() else ""
         print(f"{name}{'  (default)' if name == DEFAULT_MODEL else ''}{where}")
     return 0
+
+
+def _diameter(text: str) -> float | str:
+    """``--diameter``: 'auto' or a positive number of pixels."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of pixels > 0, got {text!r}")
+    return value
 
 
 def _add_run_options(p: argparse.ArgumentParser, per: str) -> None:
@@ -179,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, help="sliding-window tile size in pixels (default: the model's)")
     p.add_argument("--overlap", type=float, help="sliding-window overlap fraction (default: the model's)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (4x slower)")
+    p.add_argument("--diameter", type=_diameter, help="typical cell diameter in pixels, or 'auto' (measured by a "
+                   "first pass): the image is rescaled to the model's training cell size (default: no rescaling)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png with cell outlines")
     p.add_argument("--measure", action="store_true", help="also write <name>_cells.csv with per-cell measurements")
     p.add_argument("--geojson", action="store_true", help="also write <name>_cells.geojson polygons for QuPath")
@@ -248,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-data", help="the training folder, whose manifest.csv lists sources and licences")
     p.add_argument("--command", help="the command that trained the run, quoted in the card")
     p.add_argument("--force", action="store_true", help="replace an existing NAME.pt and NAME.md")
+    p.add_argument("--speed-side", type=int, default=1000, help="side of the synthetic image timed for the card (pixels)")
+    p.add_argument("--tile", type=int, help="store this sliding-window tile (pixels) instead of the run's")
+    p.add_argument("--overlap", type=float, help="store this window overlap (0-1) instead of the run's")
     p.set_defaults(func=_cmd_ship)
 
     p = sub.add_parser("models", help="list the available models")

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from cellnest.blocks import segment_in_blocks
 from cellnest.classical import ClassicalConfig, segment_normalized_classical
+from cellnest.diameter import segment_at_diameter
 from cellnest.io import atomic_write
 from cellnest.normalize import apply_image_percentiles, image_percentiles
 from cellnest.postprocess import PostprocessConfig, probabilities_to_instances
@@ -60,6 +61,11 @@ class Segmenter:
 
     Subclasses implement :meth:`segment_normalized` on a normalised (h, w, C) float32
     image in [0, 1].
+
+    cell_diameter : the model's typical training cell diameter (pixels), or None.
+    diameter : None (segment as is), the cells' typical diameter in the user's images
+        (pixels), or "auto"; the image is rescaled to ``cell_diameter`` first
+        (:mod:`cellnest.diameter`).
     """
 
     name: str = "segmenter"
@@ -68,6 +74,16 @@ class Segmenter:
     max_whole_pixels: int = 4096 * 4096
     block: int = 2048
     margin: int = 128
+    cell_diameter: float | None = None
+    diameter: float | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.diameter is None:
+            return
+        if self.cell_diameter is None:
+            raise ValueError(f"model {self.name} does not record its training cell diameter, so --diameter cannot rescale for it")
+        if self.diameter != "auto" and not (isinstance(self.diameter, (int, float)) and self.diameter > 0):
+            raise ValueError(f"diameter must be 'auto' or a number of pixels > 0, got {self.diameter!r}")
 
     def segment_normalized(self, image: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -76,6 +92,12 @@ class Segmenter:
         """(H, W, C) raw image -> (H, W) int32 instance map."""
         if image.ndim != 3:
             raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
+        if self.diameter is None:
+            return self._segment(image, progress)
+        labels, _ = segment_at_diameter(lambda im: self._segment(im, progress), image, self.cell_diameter, self.diameter)
+        return labels
+
+    def _segment(self, image: np.ndarray, progress: bool) -> np.ndarray:
         bounds = image_percentiles(image, self.lower_percentile, self.upper_percentile)
         if image.shape[0] * image.shape[1] <= self.max_whole_pixels:
             return np.asarray(self.segment_normalized(apply_image_percentiles(image, bounds)), np.int32)
@@ -218,6 +240,7 @@ def load_segmenter(
     models: str | Sequence[str] = DEFAULT_MODEL,
     device: str = "auto",
     predictor: dict | None = None,
+    diameter: float | str | None = None,
 ) -> Segmenter:
     """Build a segmenter from model names or files.
 
@@ -227,6 +250,8 @@ def load_segmenter(
         are averaged; normalisation, predictor and post-processing come from the first).
     device : "auto", "cpu", "cuda", ...
     predictor : overrides of the stored :class:`PredictorConfig` (e.g. ``{"tta": True}``).
+    diameter : rescale images to the model's training cell size: the cells' diameter in
+        pixels, or "auto" (see :mod:`cellnest.diameter`); None keeps the image as is.
 
     Raises
     ------
@@ -237,7 +262,7 @@ def load_segmenter(
     if any(p is None for p in paths):
         if len(paths) > 1:
             raise ValueError("the classical baseline cannot be part of an ensemble")
-        return ClassicalSegmenter()
+        return ClassicalSegmenter(diameter=diameter)
     bundles = [read_model_file(p) for p in paths]
     networks = [build_network(b, p) for b, p in zip(bundles, paths)]
     first = bundles[0]
@@ -256,4 +281,6 @@ def load_segmenter(
         upper_percentile=targets.get("upper_percentile", 99.0),
         predictor=Predictor(networks, predictor_config, device),
         postprocess=PostprocessConfig.from_dict(first["postprocess"]),
+        cell_diameter=first.get("meta", {}).get("cell_diameter"),
+        diameter=diameter,
     )

@@ -28,10 +28,12 @@ import numpy as np
 import torch
 
 from cellnest.data import load_folder
+from cellnest.diameter import training_diameter
 from cellnest.evaluate import score_segmenter
 from cellnest.hardware import cpu_name
 from cellnest.io import atomic_write
 from cellnest.metrics import format_table, summarize
+from cellnest.predict import PredictorConfig
 from cellnest.models import WEIGHTS_DIR, half_state, load_segmenter, read_model_file, write_model_file
 from cellnest.synthetic import SyntheticSpec, synthetic_cells, to_uint
 
@@ -142,6 +144,8 @@ def model_card(
         "- Input: any 2-D grey or RGB image, 8/16-bit or float; each channel rescaled between its "
         f"{targets.get('lower_percentile', 1.0):g}th and {targets.get('upper_percentile', 99.0):g}th percentiles "
         f"of non-zero pixels. Sliding window: `{bundle['predictor']}`.",
+        (f"- Typical training cell diameter: {meta['cell_diameter']} px (median of per-image medians); "
+         "`--diameter PIXELS|auto` rescales images to it." if "cell_diameter" in meta else "- Training cell diameter not recorded."),
         "",
         "## Training",
         "",
@@ -204,6 +208,7 @@ def ship_model(
     progress: bool = False,
     speed_side: int = 1000,
     force: bool = False,
+    predictor: dict | None = None,
 ) -> Shipped:
     """Write ``out_dir/name.pt`` (float16) and ``out_dir/name.md`` from a run folder or model file.
 
@@ -211,6 +216,9 @@ def ship_model(
     ------
     ValueError : bad name, unreadable run or data, or an existing NAME.pt without
         ``force`` (one line naming it).
+
+    ``predictor`` overrides the run's sliding-window settings in the shipped file (e.g. a
+    larger tile for speed); the card's figures are measured with them.
     """
     if not NAME_PATTERN.match(name) or name == "classical":
         raise ValueError(f"model name {name!r} must be lower-case letters, digits, '-', '_' or '.', and not 'classical'")
@@ -221,6 +229,8 @@ def ship_model(
     bundle = read_model_file(source)
     items = load_folder(val, require_labels=True)
     sources = training_sources(train_data) if train_data is not None else []
+    trained_on = load_folder(train_data, require_labels=False) if train_data is not None else []
+    diameter = training_diameter([i.label for i in trained_on if i.label is not None])
     if target.exists() and target.resolve() == source.resolve():
         raise ValueError(f"{target}: is the model being shipped; choose another --out or --name")
     if target.exists() and not force:
@@ -228,7 +238,11 @@ def ship_model(
     recipe_path = source.with_name("recipe.yaml")
     recipe_text = recipe_path.read_text() if recipe_path.is_file() else None
 
-    shipped = {**bundle, "meta": {**bundle.get("meta", {}), "shipped_name": name}, "state_dict": half_state(bundle["state_dict"])}
+    window = PredictorConfig.from_dict({**bundle["predictor"], **(predictor or {})}).to_dict()
+    meta = {**bundle.get("meta", {}), "shipped_name": name}
+    if diameter is not None:
+        meta["cell_diameter"] = round(diameter, 2)
+    shipped = {**bundle, "predictor": window, "meta": meta, "state_dict": half_state(bundle["state_dict"])}
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = write_model_file(target, shipped)
     try:
