@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 MODEL_FORMAT = "cellnest-model"
 MODEL_VERSION = 1
 WEIGHTS_DIR = Path(__file__).with_name("weights")
-DEFAULT_MODEL = "classical"
+DEFAULT_MODEL = "attn-unetpp"  # the shipped model with the better tuning F1 (docs/models.md)
 
 
 class ModelFileError(ValueError):

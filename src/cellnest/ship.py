@@ -142,7 +142,7 @@ def model_card(
         + ("method and thresholds tuned on the run's validation images" if tuned else "the recipe's thresholds")
         + f": `{post}`.",
         "- Input: any 2-D grey or RGB image, 8/16-bit or float; each channel rescaled between its "
-        f"{targets.get('lower_percentile', 1.0):g}th and {targets.get('upper_percentile', 99.0):g}th percentiles "
+        f"percentiles {targets.get('lower_percentile', 1.0):g} and {targets.get('upper_percentile', 99.0):g} "
         f"of non-zero pixels. Sliding window: `{bundle['predictor']}`.",
         (f"- Typical training cell diameter: {meta['cell_diameter']} px (median of per-image medians); "
          "`--diameter PIXELS|auto` rescales images to it." if "cell_diameter" in meta else "- Training cell diameter not recorded."),
