@@ -15,27 +15,15 @@ seconds per 1x3x256x256 tile (eval mode, no grad), each in the default (NCHW) an
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
+from cellnest.hardware import cpu_name
 from cellnest.nets import MODEL_NAMES, build_model, profile_model
 
 TILE = (3, 256, 256)
-
-
-def cpu_name() -> str:
-    """CPU model name from /proc/cpuinfo (Linux), else the platform's processor string."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median_seconds(fn, repeats: int) -> float:
