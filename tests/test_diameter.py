@@ -53,6 +53,14 @@ def test_segment_at_diameter_rescales_then_maps_back():
     assert scale == pytest.approx(3.0, rel=0.05) and len(seen) == 2 and labels.shape == (120, 120)
 
 
+def test_rescaling_refuses_images_it_cannot_hold(monkeypatch):
+    import cellnest.diameter as diameter
+
+    monkeypatch.setattr(diameter, "MAX_RESCALED_PIXELS", 100 * 100)
+    with pytest.raises(ValueError, match="would exceed"):
+        segment_at_diameter(lambda im: np.zeros(im.shape[:2], np.int32), np.zeros((80, 80, 3), np.float32), 40.0, 20.0)
+
+
 def test_diameter_needs_a_model_that_records_one():
     with pytest.raises(ValueError, match="does not record its training cell diameter"):
         ClassicalSegmenter(diameter="auto")

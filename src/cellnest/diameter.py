@@ -13,7 +13,9 @@ typical training diameter, segment, and map the labels back to the original pixe
   and segments again at the corrected scale when it is off by more than ``tolerance``
   (default 1.25x, so images already at the model's scale cost one pass).
 
-The scale factor is clipped to [1/4, 4]. Images are resized with linear interpolation
+The scale factor is clipped to [1/4, 4], and a rescaled image may not exceed
+``MAX_RESCALED_PIXELS`` (the rescaled copy is held whole; the block path then bounds the
+network's memory). Images are resized with linear interpolation
 (anti-aliased when shrinking, via scikit-image); labels are mapped back by nearest
 neighbour, so every cell keeps one id.
 """
@@ -30,6 +32,7 @@ from cellnest.io import read_labels
 
 MIN_SCALE, MAX_SCALE = 0.25, 4.0
 TOLERANCE = 1.25
+MAX_RESCALED_PIXELS = 2**28  # 268 MP: the rescaled float32 RGB copy stays under ~3.2 GB
 
 
 def cell_diameters(labels: np.ndarray) -> np.ndarray:
@@ -100,5 +103,10 @@ def segment_at_diameter(
             return first, 1.0
     else:
         scale = scale_for(model_diameter, float(diameter))
+    if image.shape[0] * image.shape[1] * scale**2 > MAX_RESCALED_PIXELS:
+        raise ValueError(
+            f"rescaling this {image.shape[1]}x{image.shape[0]} image by {scale:.2f} for the cell diameter would exceed "
+            f"{MAX_RESCALED_PIXELS // 10**6} MP; segment it without --diameter or in crops"
+        )
     labels = segment(rescale_image(image, scale))
     return resize_labels(labels, image.shape[:2]), scale
