@@ -31,7 +31,7 @@ def test_train_comparison_writes_table_and_plot(data, tmp_path, monkeypatch, cap
     monkeypatch.setenv("CELLNEST_CACHE", str(tmp_path / "cache"))
     config = tmp_path / "two.yaml"
     config.write_text(
-        "name: two\nkind: train\nbudget: {steps: 2}\nseeds: [0]\n"
+        "name: two\nkind: train\nbudget: {steps: 2}\nseeds: [0]\nval_images: 2\n"
         f"set: {TINY!r}\n"
         "variants:\n  - {name: slow lr, recipe: unet, set: ['optimizer.lr=1e-5']}\n  - {name: fast lr, recipe: unet}\n"
     )
@@ -41,13 +41,31 @@ def test_train_comparison_writes_table_and_plot(data, tmp_path, monkeypatch, cap
     rows = list(csv.DictReader(open(out / "table.csv")))
     assert {r["variant"] for r in rows} == {"slow lr", "fast lr"}
     overall = [r for r in rows if r["modality"] == "all"]
-    assert all(float(r["ci_low"]) <= float(r["mean_f1"]) <= float(r["ci_high"]) and r["n_images"] == "3" for r in overall)
-    assert "| slow lr | all | 3 |" in (out / "table.md").read_text()
+    assert all(float(r["ci_low"]) <= float(r["mean_f1"]) <= float(r["ci_high"]) and r["n_images"] == "2" for r in overall)
+    assert "| slow lr | all | 2 |" in (out / "table.md").read_text() and "subset of 2 validation images" in (out / "table.md").read_text()
     assert (out / "bars.png").stat().st_size > 1000
-    assert (out / "slow_lr" / "seed0" / "scores.csv").is_file()
+    scored = [r["name"] for r in csv.DictReader(open(out / "slow_lr" / "seed0" / "scores.csv"))]
+    assert scored == [r["name"] for r in csv.DictReader(open(out / "fast_lr" / "seed0" / "scores.csv"))] and len(scored) == 2
+    assert not (out / "slow_lr" / "seed0" / "val_scores.csv").exists()  # trained without validation: the end-of-budget model
     stamp = (out / "fast_lr" / "seed0" / "model.pt").stat().st_mtime
     assert main(argv) == 0  # rerun: finished runs are reused, not retrained
     assert (out / "fast_lr" / "seed0" / "model.pt").stat().st_mtime == stamp
+
+
+def test_selftrain_comparison_has_teacher_student_and_control_rows(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CELLNEST_CACHE", str(tmp_path / "cache"))
+    unlabeled = tmp_path / "unlabeled"
+    write_synthetic_folder(unlabeled, count=2, seed=50)
+    config = tmp_path / "st.yaml"
+    config.write_text("name: st\nkind: selftrain\nbudget: {steps: 2}\nseeds: [0]\n"
+                      f"set: {[*TINY, 'selftrain.overlays=0']!r}\nvariants:\n  - {{name: r, recipe: re-unet, set: ['selftrain.rounds=1']}}\n")
+    out = tmp_path / "st"
+    assert main(["-q", "compare", str(config), "--data", str(data / "train"), "--unlabeled", str(unlabeled),
+                 "--val", str(data / "val"), "--out", str(out), "--device", "cpu"]) == 0
+    variants = [r["variant"] for r in csv.DictReader(open(out / "table.csv")) if r["modality"] == "all"]
+    assert variants == ["teacher", "1 round", "1 round, supervised only"]
+    for arm in ("round0", "round1", "control1"):  # every row was scored per image on the 3 validation images
+        assert len(list(csv.DictReader(open(out / "seed0" / arm / "scores.csv")))) == 3
 
 
 def test_postprocess_comparison_on_one_model(data, tmp_path, monkeypatch):
@@ -82,6 +100,9 @@ def test_bad_comparison_files(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: train\nvariants: [{name: a, recipe: unet}]\n")
     with pytest.raises(ValueError, match="needs an equal budget"):
+        load_comparison(bad)
+    bad.write_text("kind: train\nbudget: {steps: 1}\nval_images: 0\nvariants: [{name: a, recipe: unet}]\n")
+    with pytest.raises(ValueError, match="val_images must be a positive integer"):
         load_comparison(bad)
     with pytest.raises(ValueError, match="unknown comparison 'nope'"):
         load_comparison("nope")

@@ -98,9 +98,9 @@ def _cmd_selftrain(args: argparse.Namespace) -> int:
     budget = Budget(args.epochs, args.steps, parse_duration(args.time_budget) if args.time_budget else None)
     cache = SampleCache(args.cache) if args.cache else SampleCache()
     rows = self_train(recipe, args.labeled, args.unlabeled, args.out, args.val, args.teacher, budget, args.device,
-                      args.resume, cache, not args.quiet)
+                      args.resume, cache, not args.quiet, args.control)
     for row in rows:
-        log.info("round %s: %s", row["round"], ", ".join(f"{k[3:]} {v:.4f}" for k, v in row.items() if k.startswith("f1_")) or "no validation")
+        log.info("round %s (%s): %s", row["round"], row["arm"], ", ".join(f"{k[3:]} {v:.4f}" for k, v in row.items() if k.startswith("f1_")) or "no validation")
     return 0
 
 
@@ -108,7 +108,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from cellnest.compare import load_comparison, run_comparison
 
     comparison = load_comparison(args.config)
-    rows = run_comparison(comparison, args.data, args.val, args.out, args.model, args.unlabeled, args.device, not args.quiet)
+    rows = run_comparison(comparison, args.data, args.val, args.out, args.model, args.unlabeled, args.device, not args.quiet, args.teacher)
     for row in rows:
         if row["modality"] == "all":
             print(f"{row['variant']}: mean F1 {row['mean_f1']:.4f} +/- {row['sd']:.4f} (95% CI {row['ci_low']:.4f}-{row['ci_high']:.4f})")
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["pseudo_label", "consistency"], help="override the recipe's method")
     p.add_argument("--rounds", type=int, help="student rounds after the teacher (default: the recipe's)")
     p.add_argument("--teacher", help="start from this model file instead of training round 0")
+    p.add_argument("--control", action="store_true",
+                   help="also train, each round, a supervised-only twin of the same budget (labelled images alone)")
     _add_run_options(p, " per round")
     p.set_defaults(func=_cmd_selftrain)
 
@@ -245,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="comparison folder (finished runs are reused, interrupted ones resumed)")
     p.add_argument("--model", help="the trained model of a postprocess comparison")
     p.add_argument("--unlabeled", help="unlabelled images of a selftrain comparison")
+    p.add_argument("--teacher", help="selftrain comparison: start from this model instead of training round 0")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_compare)
 

@@ -7,18 +7,24 @@ A comparison is a YAML file (shipped ones in ``cellnest/comparisons/``)::
     kind: train            # train | postprocess
     budget: {steps: 300}   # or {time: 5m} or {epochs: 10}: the same for every variant
     seeds: [0, 1, 2]
+    val_images: 40         # optional: score on a fixed random subset of the validation images
     set: [...]             # overrides applied to every variant (budget-driven sizes)
     variants:
       - {name: U-Net, recipe: unet, set: [...]}
       - {name: Attention U-Net++, recipe: attn-unetpp}
 
 ``train``: every (variant, seed) is trained into ``OUT/<variant>/seed<k>`` (a finished
-run is reused, an interrupted one resumed), then its ``model.pt`` is scored per image on
-the validation folder. ``postprocess``: one trained model (``--model``) predicts the
+run is reused, an interrupted one resumed) without validation, so the model scored is
+the one at the end of the budget (no checkpoint chosen on the images it is scored on),
+then scored per image on the validation folder. ``val_images`` bounds the scoring time:
+a subset drawn uniformly at random with a fixed seed (the same for every variant), so the
+overall mean stays an unbiased estimate of the whole folder's. ``postprocess``: one trained model (``--model``) predicts the
 validation images once, and every variant's ``postprocess`` settings decode the same
 probabilities (no retraining; ``seeds`` is ignored). ``selftrain``: the first variant's
-recipe runs ``cellnest selftrain`` per seed (``--unlabeled``); the supervised teacher and
-every round's student are the rows.
+recipe runs ``cellnest selftrain --control`` per seed (``--unlabeled``, optionally from a
+given ``--teacher``); the rows are the teacher, every round's student, and every round's
+supervised-only twin of the same budget. Trained rows are scored with the recipe's
+post-processing, never thresholds tuned on the images they are scored on.
 
 The table gives, per variant and modality, the mean F1 over seeds with its standard
 deviation and a 95% bootstrap interval (images resampled with replacement, the same
@@ -39,6 +45,7 @@ from typing import Sequence
 import numpy as np
 
 from cellnest.data import SampleCache, TargetConfig, load_folder
+from cellnest.evaluate import read_scores_csv, write_scores_csv
 from cellnest.io import atomic_write
 from cellnest.metrics import ImageScore, score_image
 from cellnest.postprocess import PostprocessConfig, probabilities_to_instances
@@ -68,6 +75,7 @@ class Comparison:
     seeds: tuple[int, ...]
     set: tuple[str, ...]
     variants: tuple[Variant, ...]
+    val_images: int | None = None
 
 
 def comparison_names() -> list[str]:
@@ -77,7 +85,7 @@ def comparison_names() -> list[str]:
 def load_comparison(name_or_path: str | os.PathLike) -> Comparison:
     """A shipped comparison by name, or a YAML file; errors name the file and key."""
     path, data = read_named_yaml(name_or_path, COMPARISONS_DIR, "comparison")
-    known = {"name", "description", "kind", "budget", "seeds", "set", "variants"}
+    known = {"name", "description", "kind", "budget", "seeds", "val_images", "set", "variants"}
     if not isinstance(data, dict) or set(data) - known:
         raise ValueError(f"{path}: a comparison is a mapping with keys {sorted(known)}")
     kind = data.get("kind", "train")
@@ -96,36 +104,39 @@ def load_comparison(name_or_path: str | os.PathLike) -> Comparison:
     budget = dict(data.get("budget") or {})
     if kind in ("train", "selftrain") and not set(budget) & {"steps", "time", "epochs"}:
         raise ValueError(f"{path}: a train comparison needs an equal budget: steps, time or epochs")
+    val_images = data.get("val_images")
+    if val_images is not None and not (isinstance(val_images, int) and val_images >= 1):
+        raise ValueError(f"{path}: val_images must be a positive integer, got {val_images!r}")
     return Comparison(str(data.get("name", path.stem)), str(data.get("description", "")), kind, budget,
-                      tuple(data.get("seeds") or [0]), tuple(data.get("set") or ()), tuple(variants))
+                      tuple(data.get("seeds") or [0]), tuple(data.get("set") or ()), tuple(variants), val_images)
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
 
 
-def _score_model(model: Path, samples, device: str) -> list[ImageScore]:
+def _run_scores(run_dir: Path, model: Path, val_items, recipe, device: str) -> list[tuple[str, str, float]]:
+    """Per-image F1 of ``model`` on the validation images, decoded with the recipe's
+    post-processing (never thresholds tuned on these same images), so rows differ only in
+    training. Cached in ``run_dir/scores.csv``; a run's own ``val_scores.csv`` (the trainer
+    scored its best model the same way) is used when it covers every validation image.
+    """
     from cellnest.models import build_network, read_model_file
     from cellnest.predict import PredictorConfig
     from cellnest.validate import validate
 
-    bundle = read_model_file(model)
-    result = validate(build_network(bundle, model), samples, PredictorConfig.from_dict(bundle["predictor"]),
-                      PostprocessConfig.from_dict(bundle["postprocess"]), device)
-    return result.scores
-
-
-def _write_scores(path: Path, scores: Sequence[ImageScore]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["name", "modality", "f1"])
-    writer.writeheader()
-    writer.writerows({"name": s.name, "modality": s.modality, "f1": s.f1} for s in scores)
-    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
-
-
-def _read_scores(path: Path) -> list[tuple[str, str, float]]:
-    with open(path, newline="") as fh:
-        return [(r["name"], r["modality"], float(r["f1"])) for r in csv.DictReader(fh)]
+    path = run_dir / "scores.csv"
+    if not path.exists():
+        own = model.parent / "val_scores.csv"
+        if own.exists() and sorted(n for n, _, _ in read_scores_csv(own)) == sorted(i.name for i in val_items):
+            atomic_write(path, lambda tmp: tmp.write_bytes(own.read_bytes()))
+            return read_scores_csv(path)
+        samples = [SampleCache().load(i, recipe.targets) for i in val_items]
+        bundle = read_model_file(model)
+        result = validate(build_network(bundle, model), samples, PredictorConfig.from_dict(bundle["predictor"]), recipe.postprocess, device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_scores_csv(path, result.scores)
+    return read_scores_csv(path)
 
 
 def run_comparison(
@@ -137,13 +148,21 @@ def run_comparison(
     unlabeled: str | os.PathLike | None = None,
     device: str = "auto",
     progress: bool = True,
+    teacher: str | os.PathLike | None = None,
 ) -> list[dict]:
-    """Train or decode every variant, score it, and write the table and plot to ``out``."""
+    """Train or decode every variant, score it, and write the table and plot to ``out``.
+
+    ``teacher`` (selftrain comparisons): start every seed from this model instead of
+    training round 0.
+    """
     from cellnest.train import Budget, parse_duration, train_from_folders
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     val_items = load_folder(val, require_labels=True)
+    if comparison.val_images is not None and comparison.val_images < len(val_items):
+        keep = np.random.default_rng(0).choice(len(val_items), comparison.val_images, replace=False)
+        val_items = [val_items[i] for i in sorted(keep)]
     per_variant: dict[str, list[list[tuple[str, str, float]]]] = {}
     if comparison.kind == "train":
         if data is None:
@@ -154,17 +173,14 @@ def run_comparison(
             runs = []
             for seed in comparison.seeds:
                 run_dir = out / _slug(variant.name) / f"seed{seed}"
-                scores_path = run_dir / "scores.csv"
-                if not scores_path.exists():
-                    try:
-                        recipe = load_recipe(variant.recipe, [*comparison.set, *variant.set, f"train.seed={seed}"])
-                    except RecipeError as err:
-                        raise ValueError(f"variant {variant.name!r}: {err}") from None
+                try:
+                    recipe = load_recipe(variant.recipe, [*comparison.set, *variant.set, f"train.seed={seed}"])
+                except RecipeError as err:
+                    raise ValueError(f"variant {variant.name!r}: {err}") from None
+                if not (run_dir / "scores.csv").exists() and not (run_dir / "report.md").exists():
                     resume = (run_dir / "checkpoint.pt").exists()
-                    train_from_folders(recipe, data, run_dir, val, None, budget, device, resume, progress=progress)
-                    samples = [SampleCache().load(i, recipe.targets) for i in val_items]
-                    _write_scores(scores_path, _score_model(run_dir / "model.pt", samples, device))
-                runs.append(_read_scores(scores_path))
+                    train_from_folders(recipe, data, run_dir, None, None, budget, device, resume, progress=progress)
+                runs.append(_run_scores(run_dir, run_dir / "model.pt", val_items, recipe, device))
                 log.info("%s seed %d: mean F1 %.4f", variant.name, seed, np.mean([f for _, _, f in runs[-1]]))
             per_variant[variant.name] = runs
     elif comparison.kind == "selftrain":
@@ -179,14 +195,13 @@ def run_comparison(
             recipe = load_recipe(variant.recipe, [*comparison.set, *variant.set, f"train.seed={seed}"])
             run_dir = out / f"seed{seed}"
             if not (run_dir / "selftrain.csv").exists():
-                self_train(recipe, data, unlabeled, run_dir, val, None, budget, device, (run_dir / "round0").exists(), progress=progress)
-            samples = [SampleCache().load(i, recipe.targets) for i in val_items]
-            for r in range(recipe.selftrain.rounds + 1):
-                scores_path = run_dir / f"round{r}" / "scores.csv"
-                if not scores_path.exists():
-                    _write_scores(scores_path, _score_model(run_dir / f"round{r}" / "model.pt", samples, device))
-                name = "supervised (teacher)" if r == 0 else f"{r} round{'s' if r > 1 else ''}"
-                per_variant.setdefault(name, []).append(_read_scores(scores_path))
+                self_train(recipe, data, unlabeled, run_dir, val, teacher, budget, device, run_dir.exists(), progress=progress, control=True)
+            first = Path(teacher) if teacher else run_dir / "round0" / "model.pt"
+            per_variant.setdefault("teacher", []).append(_run_scores(run_dir / "round0", first, val_items, recipe, device))
+            for r in range(1, recipe.selftrain.rounds + 1):
+                rounds = f"{r} round{'s' if r > 1 else ''}"
+                for arm, name in ((f"round{r}", rounds), (f"control{r}", f"{rounds}, supervised only")):
+                    per_variant.setdefault(name, []).append(_run_scores(run_dir / arm, run_dir / arm / "model.pt", val_items, recipe, device))
     else:
         if model is None:
             raise ValueError("a postprocess comparison needs --model (one trained model)")
@@ -241,8 +256,9 @@ def write_table(out: Path, comparison: Comparison, rows: Sequence[dict]) -> None
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out / "table.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
+    subset = f"; scored on a fixed random subset of {comparison.val_images} validation images" if comparison.val_images else ""
     lines = [f"# {comparison.name}", "", comparison.description, "", f"Budget: {comparison.budget or 'one trained model'}; "
-             f"seeds: {list(comparison.seeds) if comparison.kind == 'train' else 'n/a'}.", "",
+             f"seeds: {list(comparison.seeds) if comparison.kind != 'postprocess' else 'n/a'}{subset}.", "",
              "| variant | modality | n | mean F1 | sd (seeds) | 95% bootstrap CI |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['modality']} | {r['n_images']} | {r['mean_f1']:.4f} | {r['sd']:.4f} | "

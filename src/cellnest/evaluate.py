@@ -102,15 +102,26 @@ def evaluate_folders(
 def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``evaluation.csv`` (one row per image) and ``evaluation.json`` (summary)."""
     out_dir = Path(out_dir)
-    buffer = io.StringIO()
-    rows = [s.row() for s in evaluation.scores]
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["name"])
-    writer.writeheader()
-    writer.writerows(rows)
-    per_image = atomic_write(out_dir / "evaluation.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
+    per_image = write_scores_csv(out_dir / "evaluation.csv", evaluation.scores)
     summary = {"summary": evaluation.summary, "missing_predictions": evaluation.missing}
     summary_path = atomic_write(out_dir / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     return per_image, summary_path
+
+
+def write_scores_csv(path: str | os.PathLike, scores: Sequence[ImageScore]) -> Path:
+    """One row per image (:meth:`ImageScore.row` columns), written atomically."""
+    buffer = io.StringIO()
+    rows = [s.row() for s in scores]
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["name"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(buffer.getvalue()))
+
+
+def read_scores_csv(path: str | os.PathLike) -> list[tuple[str, str, float]]:
+    """(name, modality, F1) per image from a :func:`write_scores_csv` file."""
+    with open(path, newline="") as fh:
+        return [(r["name"], r["modality"], float(r["f1"])) for r in csv.DictReader(fh)]
 
 
 def score_segmenter(segmenter: Callable[[np.ndarray], np.ndarray], items: Sequence[Item], progress: bool = False) -> tuple[list[ImageScore], float]:

@@ -19,6 +19,11 @@ average (``ema``, the mean teacher). Students start from the teacher's weights.
 Both reuse :class:`cellnest.train.Trainer` (budget, resume, logs, DDP); every round's
 pseudo-labels (with a few outline overlays), model and validation F1 stay in the run
 folder, and ``selftrain.csv``/``selftrain.md`` hold the table per round.
+
+``control=True`` adds the supervised-only arm of the same budget: each round also trains a
+twin from the previous twin (round 0: the teacher) with the same student recipe, budget
+and learning rate on the labelled images only, so the table says whether the unlabelled
+images helped or only the extra steps did.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from cellnest.data import Sample, SampleCache, load_folder
 from cellnest.io import atomic_write, write_labels, write_png
@@ -48,7 +54,7 @@ from cellnest.train import Budget, State, Trainer, distributed_env, load_samples
 log = logging.getLogger(__name__)
 
 def pseudo_label(
-    teacher: nn.Module, samples: Sequence[Sample], recipe: Recipe, device: str, confidence: float = 0.0
+    teacher: nn.Module, samples: Sequence[Sample], recipe: Recipe, device: str, confidence: float = 0.0, progress: bool = False
 ) -> list[Sample]:
     """Teacher predictions as training samples (one-hot classes, instances, weight maps).
 
@@ -58,7 +64,7 @@ def pseudo_label(
     """
     predictor = Predictor(teacher, recipe.predictor, device)
     out = []
-    for sample in samples:
+    for sample in tqdm(samples, desc="pseudo-label", unit="img", disable=not progress):
         probs = predictor(np.asarray(sample.image))
         classes = probs.argmax(0).astype(np.uint8)
         labels = probabilities_to_instances(probs, recipe.postprocess)
@@ -168,12 +174,14 @@ def self_train(
     resume: bool = False,
     cache: SampleCache | None = None,
     progress: bool = True,
+    control: bool = False,
 ) -> list[dict]:
-    """Run round 0 (teacher) and ``rounds`` student rounds; returns one row per round.
+    """Run round 0 (teacher) and ``rounds`` student rounds; returns one row per round and arm.
 
     ``budget`` applies to every round. ``round<k>/`` holds each round's run (model.pt,
     metrics.csv, curves.png, report.md) and, for pseudo-labelling, ``pseudo/`` with the
-    pseudo-labels it trained on.
+    pseudo-labels it trained on; ``control<k>/`` the supervised-only twin (``control``).
+    With ``resume``, finished rounds are reused without predicting their pseudo-labels again.
     """
     from cellnest.models import build_network, read_model_file
 
@@ -182,6 +190,9 @@ def self_train(
     labeled_samples = load_samples(load_folder(labeled, require_labels=True), recipe, cache, progress)
     unlabeled_samples = load_samples(load_folder(unlabeled), recipe, cache, progress)
     val_samples = load_samples(load_folder(val, require_labels=True), recipe, cache, progress) if val else []
+
+    def finished(name: str) -> bool:
+        return resume and (out / name / "report.md").exists() and (out / name / "model.pt").exists()
 
     def run_round(name: str, run_recipe: Recipe, samples, init=None, extra=None) -> State:
         run_dir = out / name
@@ -196,34 +207,41 @@ def self_train(
     if teacher is None:
         state = run_round("round0", recipe, labeled_samples)
         teacher = out / "round0" / "model.pt"
-        rows.append(_row(0, state, teacher))
+        rows.append(_row(0, "teacher", state, teacher))
     else:
-        rows.append(_row(0, None, Path(teacher)))
+        rows.append(_row(0, "teacher", None, Path(teacher)))
+    twin = teacher
     student_recipe = _student_recipe(recipe, config.finetune_lr)
     for r in range(1, config.rounds + 1):
         bundle = read_model_file(teacher)
-        teacher_net = build_network(bundle, teacher)
         if config.method == "pseudo_label":
-            pseudo = pseudo_label(teacher_net, unlabeled_samples, recipe, device, config.confidence)
-            if distributed_env()[0] == 0:
-                _write_pseudo_labels(out / f"round{r}" / "pseudo", pseudo, config.overlays)
+            pseudo = []
+            if not finished(f"round{r}"):
+                pseudo = pseudo_label(build_network(bundle, teacher), unlabeled_samples, recipe, device, config.confidence, progress)
+                if distributed_env()[0] == 0:
+                    _write_pseudo_labels(out / f"round{r}" / "pseudo", pseudo, config.overlays)
             state = run_round(f"round{r}", student_recipe, labeled_samples + pseudo, init=bundle["state_dict"])
         else:
-            term = ConsistencyTerm(teacher_net, unlabeled_samples, recipe.data.patch_size, config, recipe.train.seed + r)
+            term = ConsistencyTerm(build_network(bundle, teacher), unlabeled_samples, recipe.data.patch_size, config, recipe.train.seed + r)
             state = run_round(f"round{r}", student_recipe, labeled_samples, init=bundle["state_dict"], extra=term)
         teacher = out / f"round{r}" / "model.pt"
-        rows.append(_row(r, state, teacher))
+        rows.append(_row(r, "student", state, teacher))
         log.info("round %d: best validation mean F1 %.4f", r, state.best_f1)
+        if control:
+            state = run_round(f"control{r}", student_recipe, labeled_samples, init=read_model_file(twin)["state_dict"])
+            twin = out / f"control{r}" / "model.pt"
+            rows.append(_row(r, "supervised only", state, twin))
+            log.info("round %d, supervised only: best validation mean F1 %.4f", r, state.best_f1)
     if distributed_env()[0] == 0:
         write_rounds(out, rows, config)
     return rows
 
 
-def _row(round_: int, state: State | None, model: Path) -> dict:
+def _row(round_: int, arm: str, state: State | None, model: Path) -> dict:
     from cellnest.models import read_model_file
 
     validation = read_model_file(model)["meta"].get("validation", {}) if model.exists() else {}
-    row = {"round": round_, "model": str(model)}
+    row = {"round": round_, "arm": arm, "model": str(model)}
     row.update({f"f1_{m}": round(v["mean_f1"], 4) for m, v in validation.items()})
     if state is not None:
         row["steps"] = state.step
@@ -239,8 +257,9 @@ def write_rounds(out: Path, rows: Sequence[dict], config: SelfTrainConfig) -> No
     writer.writerows(rows)
     atomic_write(out / "selftrain.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
     f1_columns = [c for c in columns if c.startswith("f1_")]
-    lines = [f"Self-training ({config.method}), validation mean F1 of each round's best model (round 0 = teacher).", "",
-             "| round | " + " | ".join(c[3:] for c in f1_columns) + " |", "|---|" + "---|" * len(f1_columns)]
+    lines = [f"Self-training ({config.method}), validation mean F1 of each round's best model (round 0 = teacher; "
+             "'supervised only' = the same budget on the labelled images alone).", "",
+             "| round | arm | " + " | ".join(c[3:] for c in f1_columns) + " |", "|---|---|" + "---|" * len(f1_columns)]
     for r in rows:
-        lines.append(f"| {r['round']} | " + " | ".join(f"{r.get(c, float('nan')):.4f}" for c in f1_columns) + " |")
+        lines.append(f"| {r['round']} | {r['arm']} | " + " | ".join(f"{r.get(c, float('nan')):.4f}" for c in f1_columns) + " |")
     atomic_write(out / "selftrain.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))

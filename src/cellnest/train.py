@@ -5,6 +5,7 @@ A run folder holds::
     recipe.yaml     the resolved recipe (after --set overrides)
     checkpoint.pt   the latest resumable state (atomic; every few minutes)
     model.pt        the best model by validation mean F1 (a model file, see cellnest.models)
+    val_scores.csv  that model's per-image validation scores (recipe post-processing)
     metrics.csv     one row per validation: epoch, step, loss, lr, seconds, F1 per modality
     curves.png      loss and validation F1 against epochs
     report.md       what was trained, how long, and how well
@@ -44,6 +45,7 @@ from tqdm import tqdm
 
 from cellnest.augment import build_augmentation
 from cellnest.data import Item, Sample, SampleCache
+from cellnest.evaluate import write_scores_csv
 from cellnest.hardware import cpu_name
 from cellnest.io import atomic_write
 from cellnest.losses import build_loss
@@ -56,7 +58,7 @@ from cellnest.validate import Validation, summary_line, tune_thresholds, validat
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("recipe.yaml", "checkpoint.pt", "model.pt", "metrics.csv")
+RUN_FILES = ("recipe.yaml", "checkpoint.pt", "model.pt", "metrics.csv", "val_scores.csv")
 
 
 class RunFolderError(ValueError):
@@ -154,7 +156,6 @@ def prepare_run_folder(out: Path, resume: bool) -> None:
     if existing and not resume:
         raise RunFolderError(f"{out}: already holds a run ({', '.join(existing)}); use --resume or another --out")
     out.mkdir(parents=True, exist_ok=True)
-
 
 
 def load_samples(items: Sequence[Item], recipe: Recipe, cache: SampleCache, progress: bool) -> list[Sample]:
@@ -328,6 +329,7 @@ class Trainer:
                 if result.mean_f1 > self.state.best_f1:
                     self.state.best_f1, self.state.best_epoch = result.mean_f1, self.state.epoch
                     self.save_model(self.recipe.postprocess, result)
+                    write_scores_csv(self.out / "val_scores.csv", result.scores)
             else:
                 self.save_model(self.recipe.postprocess, None)  # no validation set: the latest is the best we know
             self.state.history.append(row)
@@ -477,7 +479,8 @@ def write_report(out: Path, recipe: Recipe, state: State, budget: Budget, note: 
             lines += ["Validation of `model.pt` (challenge F1, recipe post-processing):", "", format_table(meta["validation"]), ""]
     if note:
         lines += [note, ""]
-    lines += ["Files: `model.pt` (best model), `metrics.csv`, `curves.png`, `recipe.yaml`, `checkpoint.pt`.", ""]
+    lines += ["Files: `model.pt` (best model), `val_scores.csv` (its per-image validation scores), `metrics.csv`, "
+              "`curves.png`, `recipe.yaml`, `checkpoint.pt`.", ""]
     atomic_write(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines)))
 
 
