@@ -58,3 +58,9 @@ def test_unknown_recipe_and_bad_yaml(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(RecipeError, match="invalid YAML"):
         load_recipe(bad)
+
+
+def test_differences_compare_resolved_values():
+    plain = load_recipe("unet")
+    assert plain.differences(load_recipe("unet", ["train.seed=0"])) == []  # the default written out
+    assert plain.differences(load_recipe("unet", ["train.seed=1", "optimizer.lr=1e-3"])) == ["optimizer", "train"]

@@ -194,7 +194,8 @@ def run_comparison(
         for seed in comparison.seeds:
             recipe = load_recipe(variant.recipe, [*comparison.set, *variant.set, f"train.seed={seed}"])
             run_dir = out / f"seed{seed}"
-            if not (run_dir / "selftrain.csv").exists():
+            arms = [f"{arm}{r}" for r in range(1, recipe.selftrain.rounds + 1) for arm in ("round", "control")]
+            if not all((run_dir / arm / "report.md").exists() for arm in arms):
                 self_train(recipe, data, unlabeled, run_dir, val, teacher, budget, device, run_dir.exists(), progress=progress, control=True)
             first = Path(teacher) if teacher else run_dir / "round0" / "model.pt"
             per_variant.setdefault("teacher", []).append(_run_scores(run_dir / "round0", first, val_items, recipe, device))

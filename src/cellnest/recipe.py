@@ -302,6 +302,12 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.raw, sort_keys=False)
 
+    def differences(self, other: "Recipe") -> list[str]:
+        """Sections whose resolved values differ (a default and the same value written out
+        are equal), e.g. to refuse resuming a run with another recipe."""
+        text = {"name", "description", "source", "raw"}
+        return sorted(f.name for f in fields(self) if f.name not in text and getattr(self, f.name) != getattr(other, f.name))
+
 
 def _check_model_and_loss(model: NamedConfig, loss: NamedConfig, where: str) -> None:
     """Fail at load time, not after the cache is built: names and keys must exist."""

@@ -53,7 +53,7 @@ from cellnest.models import ModelFileError, build_network, model_path, read_mode
 from cellnest.nets import build_model
 from cellnest.patches import PatchDataset, ResumableSampler, modality_weights
 from cellnest.predict import resolve_device
-from cellnest.recipe import Recipe
+from cellnest.recipe import Recipe, RecipeError
 from cellnest.validate import Validation, summary_line, tune_thresholds, validate
 
 log = logging.getLogger(__name__)
@@ -257,10 +257,13 @@ class Trainer:
     def resume(self) -> None:
         """Restore everything from ``checkpoint.pt`` (see the module docstring)."""
         path = self.out / "checkpoint.pt"
-        saved = yaml.safe_load((self.out / "recipe.yaml").read_text()) if (self.out / "recipe.yaml").exists() else None
-        current = yaml.safe_load(self.recipe.to_yaml())
-        if saved is not None and saved != current:
-            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        saved_path = self.out / "recipe.yaml"
+        try:
+            saved = Recipe.from_dict(yaml.safe_load(saved_path.read_text()), str(saved_path)) if saved_path.exists() else None
+        except (RecipeError, yaml.YAMLError) as err:
+            raise RunFolderError(f"{saved_path}: cannot resume ({str(err).splitlines()[0]})") from None
+        changed = self.recipe.differences(saved) if saved is not None else []
+        if changed:
             raise RunFolderError(f"{self.out}: the recipe differs from the run's recipe.yaml in {changed}; resume with the same recipe and --set values")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
