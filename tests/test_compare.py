@@ -86,7 +86,7 @@ def test_postprocess_comparison_on_one_model(data, tmp_path, monkeypatch):
 
 
 def test_shipped_comparisons_load_and_bootstrap_brackets_the_mean():
-    assert set(comparison_names()) == {"table3", "table4", "postprocess", "selftrain"}
+    assert set(comparison_names()) == {"table3", "table4", "postprocess", "selftrain", "selftrain-consistency"}
     assert [v.name for v in load_comparison("table3").variants] == ["U-Net", "UNETR", "Swin-UNETR", "U-Net++", "Attention U-Net++"]
     assert len(load_comparison("table4").variants) == 7
     runs = [[("a", "x", 0.5), ("b", "x", 0.7), ("c", "y", 0.9)], [("a", "x", 0.6), ("b", "x", 0.8), ("c", "y", 1.0)]]
@@ -94,6 +94,14 @@ def test_shipped_comparisons_load_and_bootstrap_brackets_the_mean():
     assert rows[("v", "all")]["mean_f1"] == pytest.approx(0.75) and rows[("v", "all")]["sd"] == pytest.approx(np.std([0.7, 0.8], ddof=1))
     assert rows[("v", "x")]["n_images"] == 2 and rows[("v", "y")]["mean_f1"] == pytest.approx(0.95)
     assert rows[("v", "all")]["ci_low"] <= 0.75 <= rows[("v", "all")]["ci_high"]
+    # a variant better by 0.1 on every image: the paired interval is exactly +0.1, unlike the per-variant ones
+    better = [[(n, m, f + 0.1) for n, m, f in run] for run in runs]
+    rows = {(r["variant"], r["modality"]): r for r in summarise({"ref": runs, "better": better})}
+    assert rows[("ref", "all")]["delta"] == 0.0
+    assert rows[("better", "all")]["delta_low"] == pytest.approx(0.1) and rows[("better", "all")]["delta_high"] == pytest.approx(0.1)
+    assert rows[("better", "all")]["ci_high"] - rows[("better", "all")]["ci_low"] > 0.1
+    with pytest.raises(ValueError, match="same images"):
+        summarise({"ref": runs, "other": [[("z", "x", 0.5), ("b", "x", 0.7), ("c", "y", 0.9)]]})
 
 
 def test_bad_comparison_files(tmp_path):

@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_selftrain)
 
     p = sub.add_parser("compare", help="rerun a comparison (variants x seeds, equal budget) and write a table and plot")
-    p.add_argument("config", help="shipped comparison (table3, table4, postprocess, selftrain) or a YAML file")
+    p.add_argument("config", help="shipped comparison (table3, table4, postprocess, selftrain, selftrain-consistency) or a YAML file")
     p.add_argument("--data", help="labelled training folder (train and selftrain comparisons)")
     p.add_argument("--val", required=True, help="labelled folder every variant is scored on")
     p.add_argument("--out", required=True, help="comparison folder (finished runs are reused, interrupted ones resumed)")

@@ -27,8 +27,9 @@ supervised-only twin of the same budget. Trained rows are scored with the recipe
 post-processing, never thresholds tuned on the images they are scored on.
 
 The table gives, per variant and modality, the mean F1 over seeds with its standard
-deviation and a 95% bootstrap interval (images resampled with replacement, the same
-draw for every seed, 2000 draws), as ``table.md``/``table.csv``, and ``bars.png``.
+deviation, a 95% bootstrap interval (images resampled with replacement, 2000 draws, the
+same draws for every seed and variant), and the difference to the first variant with its
+paired interval, as ``table.md``/``table.csv``, and ``bars.png``.
 """
 
 from __future__ import annotations
@@ -226,28 +227,41 @@ def run_comparison(
 
 
 def summarise(per_variant: dict[str, list[list[tuple[str, str, float]]]], seed: int = 0) -> list[dict]:
-    """Mean, sd over seeds and 95% bootstrap interval of F1, per variant and modality.
+    """Mean, sd over seeds and 95% bootstrap interval of F1, per variant and modality, and
+    the paired difference to the first variant (the reference).
 
-    Each run is a list of (image, modality, F1) in the same image order. The bootstrap
-    resamples images (the same draw for all seeds of a variant) and averages over seeds.
+    Each run is a list of (image, modality, F1); every run must cover the same images. The
+    bootstrap resamples images and averages over seeds; one draw serves every variant, so
+    the difference interval is paired: it cancels what all variants share (hard images),
+    which the per-variant intervals cannot.
     """
+    ordered = {v: [sorted(run) for run in runs] for v, runs in per_variant.items()}
+    names = {tuple(n for n, _, _ in run) for runs in ordered.values() for run in runs}
+    if len(names) != 1:
+        raise ValueError("every run of a comparison must be scored on the same images")
+    reference = next(iter(ordered))
+    modalities = np.array([m for _, m, _ in ordered[reference][0]])
+    rows: dict[str, list[dict]] = {v: [] for v in ordered}
     rng = np.random.default_rng(seed)
-    rows = []
-    for variant, runs in per_variant.items():
-        f1 = np.array([[f for _, _, f in run] for run in runs])  # (seeds, images)
-        modalities = np.array([m for _, m, _ in runs[0]])
-        for modality in [*sorted(set(modalities)), "all"]:
-            cols = np.ones(len(modalities), bool) if modality == "all" else modalities == modality
-            sub = f1[:, cols]
+    for modality in [*sorted(set(modalities)), "all"]:
+        cols = np.ones(len(modalities), bool) if modality == "all" else modalities == modality
+        draws = rng.integers(0, int(cols.sum()), size=(BOOTSTRAP_DRAWS, int(cols.sum())))
+        ref_seed_means = ref_boot = None
+        for variant, runs in ordered.items():
+            sub = np.array([[f for _, _, f in run] for run in runs])[:, cols]  # (seeds, images)
             per_seed = sub.mean(axis=1)
-            draws = rng.integers(0, sub.shape[1], size=(BOOTSTRAP_DRAWS, sub.shape[1]))
             boot = sub[:, draws].mean(axis=(0, 2))
-            rows.append({
+            if ref_boot is None:
+                ref_seed_means, ref_boot = per_seed, boot
+            delta = boot - ref_boot
+            rows[variant].append({
                 "variant": variant, "modality": modality, "n_images": int(sub.shape[1]), "seeds": len(runs),
                 "mean_f1": float(per_seed.mean()), "sd": float(per_seed.std(ddof=1)) if len(runs) > 1 else 0.0,
                 "ci_low": float(np.percentile(boot, 2.5)), "ci_high": float(np.percentile(boot, 97.5)),
+                "delta": float(per_seed.mean() - ref_seed_means.mean()),
+                "delta_low": float(np.percentile(delta, 2.5)), "delta_high": float(np.percentile(delta, 97.5)),
             })
-    return rows
+    return [row for variant_rows in rows.values() for row in variant_rows]
 
 
 def write_table(out: Path, comparison: Comparison, rows: Sequence[dict]) -> None:
@@ -260,10 +274,11 @@ def write_table(out: Path, comparison: Comparison, rows: Sequence[dict]) -> None
     subset = f"; scored on a fixed random subset of {comparison.val_images} validation images" if comparison.val_images else ""
     lines = [f"# {comparison.name}", "", comparison.description, "", f"Budget: {comparison.budget or 'one trained model'}; "
              f"seeds: {list(comparison.seeds) if comparison.kind != 'postprocess' else 'n/a'}{subset}.", "",
-             "| variant | modality | n | mean F1 | sd (seeds) | 95% bootstrap CI |", "|---|---|---|---|---|---|"]
+             f"| variant | modality | n | mean F1 | sd (seeds) | 95% bootstrap CI | vs {rows[0]['variant']} (paired 95% CI) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['modality']} | {r['n_images']} | {r['mean_f1']:.4f} | {r['sd']:.4f} | "
-                     f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] |")
+                     f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['delta']:+.4f} [{r['delta_low']:+.4f}, {r['delta_high']:+.4f}] |")
     atomic_write(out / "table.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
     import matplotlib
