@@ -64,6 +64,8 @@ def test_selftrain_comparison_has_teacher_student_and_control_rows(data, tmp_pat
                  "--val", str(data / "val"), "--out", str(out), "--device", "cpu"]) == 0
     variants = [r["variant"] for r in csv.DictReader(open(out / "table.csv")) if r["modality"] == "all"]
     assert variants == ["teacher", "1 round", "1 round, supervised only"]
+    references = {r["variant"]: r["reference"] for r in csv.DictReader(open(out / "table.csv"))}
+    assert references == {"teacher": "teacher", "1 round": "teacher", "1 round, supervised only": "1 round"}
     for arm in ("round0", "round1", "control1"):  # every row was scored per image on the 3 validation images
         assert len(list(csv.DictReader(open(out / "seed0" / arm / "scores.csv")))) == 3
 
@@ -100,6 +102,8 @@ def test_shipped_comparisons_load_and_bootstrap_brackets_the_mean():
     assert rows[("ref", "all")]["delta"] == 0.0
     assert rows[("better", "all")]["delta_low"] == pytest.approx(0.1) and rows[("better", "all")]["delta_high"] == pytest.approx(0.1)
     assert rows[("better", "all")]["ci_high"] - rows[("better", "all")]["ci_low"] > 0.1
+    rows = {(r["variant"], r["modality"]): r for r in summarise({"ref": runs, "better": better}, references={"ref": "better"})}
+    assert rows[("ref", "all")]["reference"] == "better" and rows[("ref", "all")]["delta"] == pytest.approx(-0.1)
     with pytest.raises(ValueError, match="same images"):
         summarise({"ref": runs, "other": [[("z", "x", 0.5), ("b", "x", 0.7), ("c", "y", 0.9)]]})
 

@@ -111,7 +111,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     rows = run_comparison(comparison, args.data, args.val, args.out, args.model, args.unlabeled, args.device, not args.quiet, args.teacher)
     for row in rows:
         if row["modality"] == "all":
-            print(f"{row['variant']}: mean F1 {row['mean_f1']:.4f} +/- {row['sd']:.4f} (95% CI {row['ci_low']:.4f}-{row['ci_high']:.4f})")
+            vs = "" if row["reference"] == row["variant"] else (
+                f"; {row['delta']:+.4f} vs {row['reference']} (paired 95% CI {row['delta_low']:+.4f} to {row['delta_high']:+.4f})")
+            print(f"{row['variant']}: mean F1 {row['mean_f1']:.4f} +/- {row['sd']:.4f} (95% CI {row['ci_low']:.4f}-{row['ci_high']:.4f}){vs}")
     log.info("table: %s", Path(args.out) / "table.md")
     return 0
 

@@ -28,8 +28,10 @@ post-processing, never thresholds tuned on the images they are scored on.
 
 The table gives, per variant and modality, the mean F1 over seeds with its standard
 deviation, a 95% bootstrap interval (images resampled with replacement, 2000 draws, the
-same draws for every seed and variant), and the difference to the first variant with its
-paired interval, as ``table.md``/``table.csv``, and ``bars.png``.
+same draws for every seed and variant), and the difference to a reference variant with its
+paired interval (the first variant; in ``selftrain``, a student against the teacher and a
+supervised-only twin against the student of its round), as ``table.md``/``table.csv``,
+and ``bars.png``.
 """
 
 from __future__ import annotations
@@ -165,6 +167,7 @@ def run_comparison(
         keep = np.random.default_rng(0).choice(len(val_items), comparison.val_images, replace=False)
         val_items = [val_items[i] for i in sorted(keep)]
     per_variant: dict[str, list[list[tuple[str, str, float]]]] = {}
+    references: dict[str, str] = {}  # variant -> the variant its paired difference is taken against
     if comparison.kind == "train":
         if data is None:
             raise ValueError("a train comparison needs --data (the labelled training folder)")
@@ -202,6 +205,7 @@ def run_comparison(
             per_variant.setdefault("teacher", []).append(_run_scores(run_dir / "round0", first, val_items, recipe, device))
             for r in range(1, recipe.selftrain.rounds + 1):
                 rounds = f"{r} round{'s' if r > 1 else ''}"
+                references.update({rounds: "teacher", f"{rounds}, supervised only": rounds})
                 for arm, name in ((f"round{r}", rounds), (f"control{r}", f"{rounds}, supervised only")):
                     per_variant.setdefault(name, []).append(_run_scores(run_dir / arm, run_dir / arm / "model.pt", val_items, recipe, device))
     else:
@@ -221,14 +225,16 @@ def run_comparison(
             scores = [score_image(np.asarray(s.labels), probabilities_to_instances(p, config), s.name, s.modality)
                       for s, p in zip(samples, probabilities)]
             per_variant[variant.name] = [[(s.name, s.modality, s.f1) for s in scores]]
-    rows = summarise(per_variant)
+    rows = summarise(per_variant, references=references)
     write_table(out, comparison, rows)
     return rows
 
 
-def summarise(per_variant: dict[str, list[list[tuple[str, str, float]]]], seed: int = 0) -> list[dict]:
+def summarise(per_variant: dict[str, list[list[tuple[str, str, float]]]], seed: int = 0,
+              references: dict[str, str] | None = None) -> list[dict]:
     """Mean, sd over seeds and 95% bootstrap interval of F1, per variant and modality, and
-    the paired difference to the first variant (the reference).
+    the paired difference to a reference variant (``references[variant]``; default: the
+    first variant).
 
     Each run is a list of (image, modality, F1); every run must cover the same images. The
     bootstrap resamples images and averages over seeds; one draw serves every variant, so
@@ -239,26 +245,26 @@ def summarise(per_variant: dict[str, list[list[tuple[str, str, float]]]], seed: 
     names = {tuple(n for n, _, _ in run) for runs in ordered.values() for run in runs}
     if len(names) != 1:
         raise ValueError("every run of a comparison must be scored on the same images")
-    reference = next(iter(ordered))
-    modalities = np.array([m for _, m, _ in ordered[reference][0]])
+    first = next(iter(ordered))
+    references = {v: (references or {}).get(v, first) for v in ordered}
+    modalities = np.array([m for _, m, _ in ordered[first][0]])
     rows: dict[str, list[dict]] = {v: [] for v in ordered}
     rng = np.random.default_rng(seed)
     for modality in [*sorted(set(modalities)), "all"]:
         cols = np.ones(len(modalities), bool) if modality == "all" else modalities == modality
         draws = rng.integers(0, int(cols.sum()), size=(BOOTSTRAP_DRAWS, int(cols.sum())))
-        ref_seed_means = ref_boot = None
+        seed_means, boots = {}, {}
         for variant, runs in ordered.items():
             sub = np.array([[f for _, _, f in run] for run in runs])[:, cols]  # (seeds, images)
-            per_seed = sub.mean(axis=1)
-            boot = sub[:, draws].mean(axis=(0, 2))
-            if ref_boot is None:
-                ref_seed_means, ref_boot = per_seed, boot
-            delta = boot - ref_boot
+            seed_means[variant], boots[variant] = sub.mean(axis=1), sub[:, draws].mean(axis=(0, 2))
+        for variant, runs in ordered.items():
+            per_seed, boot, ref = seed_means[variant], boots[variant], references[variant]
+            delta = boot - boots[ref]
             rows[variant].append({
-                "variant": variant, "modality": modality, "n_images": int(sub.shape[1]), "seeds": len(runs),
+                "variant": variant, "modality": modality, "n_images": int(cols.sum()), "seeds": len(runs),
                 "mean_f1": float(per_seed.mean()), "sd": float(per_seed.std(ddof=1)) if len(runs) > 1 else 0.0,
                 "ci_low": float(np.percentile(boot, 2.5)), "ci_high": float(np.percentile(boot, 97.5)),
-                "delta": float(per_seed.mean() - ref_seed_means.mean()),
+                "reference": ref, "delta": float(per_seed.mean() - seed_means[ref].mean()),
                 "delta_low": float(np.percentile(delta, 2.5)), "delta_high": float(np.percentile(delta, 97.5)),
             })
     return [row for variant_rows in rows.values() for row in variant_rows]
@@ -274,11 +280,12 @@ def write_table(out: Path, comparison: Comparison, rows: Sequence[dict]) -> None
     subset = f"; scored on a fixed random subset of {comparison.val_images} validation images" if comparison.val_images else ""
     lines = [f"# {comparison.name}", "", comparison.description, "", f"Budget: {comparison.budget or 'one trained model'}; "
              f"seeds: {list(comparison.seeds) if comparison.kind != 'postprocess' else 'n/a'}{subset}.", "",
-             f"| variant | modality | n | mean F1 | sd (seeds) | 95% bootstrap CI | vs {rows[0]['variant']} (paired 95% CI) |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | modality | n | mean F1 | sd (seeds) | 95% bootstrap CI | difference (paired 95% CI) | vs |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        vs = "" if r["reference"] == r["variant"] else f"{r['delta']:+.4f} [{r['delta_low']:+.4f}, {r['delta_high']:+.4f}]"
         lines.append(f"| {r['variant']} | {r['modality']} | {r['n_images']} | {r['mean_f1']:.4f} | {r['sd']:.4f} | "
-                     f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['delta']:+.4f} [{r['delta_low']:+.4f}, {r['delta_high']:+.4f}] |")
+                     f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {vs} | {'' if not vs else r['reference']} |")
     atomic_write(out / "table.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
     import matplotlib

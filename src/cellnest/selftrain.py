@@ -156,9 +156,10 @@ def _student_recipe(recipe: Recipe, lr: float) -> Recipe:
 def _write_pseudo_labels(folder: Path, samples: Sequence[Sample], overlays: int) -> None:
     from cellnest.segment import overlay_outlines
 
-    for i, s in enumerate(samples):
+    shown = set(np.linspace(0, len(samples) - 1, overlays).round().astype(int)) if overlays and samples else set()
+    for i, s in enumerate(samples):  # overlays spread over the folder, so several sources show
         write_labels(folder / f"{s.name}_label.tiff", s.labels)
-        if i < overlays:
+        if i in shown:
             write_png(folder / f"{s.name}_overlay.png", overlay_outlines(np.moveaxis(np.asarray(s.image), 0, -1), s.labels))
 
 
