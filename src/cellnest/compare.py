@@ -294,12 +294,21 @@ def write_table(out: Path, comparison: Comparison, rows: Sequence[dict]) -> None
     import matplotlib.pyplot as plt
 
     overall = [r for r in rows if r["modality"] == "all"]
-    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(overall)), 4))
-    means = [r["mean_f1"] for r in overall]
+    paired = [r for r in overall if r["reference"] != r["variant"]]
+    # left: each variant's mean F1; right: the paired differences, which small effects need
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(max(4, 1.3 * len(overall)) * (2 if paired else 1), 4.5), squeeze=False)
+    ax = axes[0, 0]
     errors = np.array([[r["mean_f1"] - r["ci_low"] for r in overall], [r["ci_high"] - r["mean_f1"] for r in overall]])
-    ax.bar(range(len(overall)), means, yerr=errors, capsize=4, color="#4c72b0")
+    ax.bar(range(len(overall)), [r["mean_f1"] for r in overall], yerr=errors, capsize=4, color="#4c72b0")
     ax.set_xticks(range(len(overall)), [r["variant"] for r in overall], rotation=30, ha="right")
     ax.set(ylabel="mean F1 (IoU 0.5), 95% CI", title=comparison.name, ylim=(0, 1))
+    if paired:
+        ax = axes[0, 1]
+        errors = np.array([[r["delta"] - r["delta_low"] for r in paired], [r["delta_high"] - r["delta"] for r in paired]])
+        ax.errorbar(range(len(paired)), [r["delta"] for r in paired], yerr=errors, fmt="o", capsize=4, color="#dd8452")
+        ax.axhline(0, color="grey", lw=1)
+        ax.set_xticks(range(len(paired)), [f"{r['variant']} - {r['reference']}" for r in paired], rotation=30, ha="right")
+        ax.set(ylabel="F1 difference, paired 95% CI", title="differences (all images)")
     fig.tight_layout()
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=90)
