@@ -12,6 +12,7 @@ import torch
 
 from cellnest.cli import main
 from cellnest.compare import load_comparison, comparison_names, summarise
+from cellnest.recipe import load_recipe
 from cellnest.synthetic import write_synthetic_folder
 
 TINY = ["model.name=unet", "model.cfg={channels: [8, 16, 32], strides: [2, 2], num_res_units: 1}",
@@ -50,6 +51,12 @@ def test_train_comparison_writes_table_and_plot(data, tmp_path, monkeypatch, cap
     stamp = (out / "fast_lr" / "seed0" / "model.pt").stat().st_mtime
     assert main(argv) == 0  # rerun: finished runs are reused, not retrained
     assert (out / "fast_lr" / "seed0" / "model.pt").stat().st_mtime == stamp
+    # a run stopped before its first checkpoint starts over, and its old scores are not reused
+    (out / "slow_lr" / "seed0" / "checkpoint.pt").unlink()
+    (out / "slow_lr" / "seed0" / "scores.csv").write_text("name,modality,f1\nstale,x,1.0\n")
+    assert main(argv) == 0
+    assert torch.load(out / "slow_lr" / "seed0" / "checkpoint.pt", weights_only=True)["state"]["step"] == 2
+    assert [r["name"] for r in csv.DictReader(open(out / "slow_lr" / "seed0" / "scores.csv"))] == scored
 
 
 def test_selftrain_comparison_has_teacher_student_and_control_rows(data, tmp_path, monkeypatch):
@@ -91,6 +98,11 @@ def test_shipped_comparisons_load_and_bootstrap_brackets_the_mean():
     assert set(comparison_names()) == {"table3", "table4", "postprocess", "selftrain", "selftrain-consistency"}
     assert [v.name for v in load_comparison("table3").variants] == ["U-Net", "UNETR", "Swin-UNETR", "U-Net++", "Attention U-Net++"]
     assert len(load_comparison("table4").variants) == 7
+    for name in comparison_names():  # every shipped variant resolves to a valid recipe
+        comparison = load_comparison(name)
+        for variant in comparison.variants:
+            if variant.recipe:
+                load_recipe(variant.recipe, [*comparison.set, *variant.set])
     runs = [[("a", "x", 0.5), ("b", "x", 0.7), ("c", "y", 0.9)], [("a", "x", 0.6), ("b", "x", 0.8), ("c", "y", 1.0)]]
     rows = {(r["variant"], r["modality"]): r for r in summarise({"v": runs})}
     assert rows[("v", "all")]["mean_f1"] == pytest.approx(0.75) and rows[("v", "all")]["sd"] == pytest.approx(np.std([0.7, 0.8], ddof=1))

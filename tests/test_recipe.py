@@ -64,3 +64,6 @@ def test_differences_compare_resolved_values():
     plain = load_recipe("unet")
     assert plain.differences(load_recipe("unet", ["train.seed=0"])) == []  # the default written out
     assert plain.differences(load_recipe("unet", ["train.seed=1", "optimizer.lr=1e-3"])) == ["optimizer", "train"]
+    assert plain.differences(load_recipe("unet", ["selftrain.rounds=5"])) == []  # more rounds: the same rounds
+    assert plain.differences(load_recipe("unet", ["selftrain.gamma_range=[0.7, 1.5]"])) == []  # a default as a list
+    assert plain.differences(load_recipe("unet", ["selftrain.confidence=0.5"])) == ["selftrain"]

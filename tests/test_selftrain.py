@@ -75,9 +75,17 @@ def test_control_arm_and_resume_reuses_finished_rounds(folders, tmp_path, monkey
     def no_pseudo_labels(*args, **kwargs):
         raise AssertionError("a finished round predicted its pseudo-labels again")
 
+    original = cellnest.selftrain.pseudo_label
     monkeypatch.setattr(cellnest.selftrain, "pseudo_label", no_pseudo_labels)
     assert main(_args(folders, out, "pseudo_label", "--control", "--resume")) == 0
     assert list(csv.DictReader(open(out / "selftrain.csv"))) == rows
+    # a larger budget continues the round on pseudo-labels again (args: --steps 3 then --steps 5)
+    calls = []
+    monkeypatch.setattr(cellnest.selftrain, "pseudo_label", lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert main(_args(folders, out, "pseudo_label", "--control", "--resume", "--steps", "5")) == 0
+    assert calls == [1]
+    for arm in ("round1", "control1"):
+        assert torch.load(out / arm / "checkpoint.pt", weights_only=True)["state"]["step"] == 5
 
 
 def test_consistency_round_with_mean_teacher(folders, tmp_path, monkeypatch):

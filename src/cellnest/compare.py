@@ -4,7 +4,7 @@ A comparison is a YAML file (shipped ones in ``cellnest/comparisons/``)::
 
     name: table3
     description: ...
-    kind: train            # train | postprocess
+    kind: train            # train | postprocess | selftrain
     budget: {steps: 300}   # or {time: 5m} or {epochs: 10}: the same for every variant
     seeds: [0, 1, 2]
     val_images: 40         # optional: score on a fixed random subset of the validation images
@@ -50,7 +50,7 @@ import numpy as np
 from cellnest.data import SampleCache, TargetConfig, load_folder
 from cellnest.evaluate import read_scores_csv, write_scores_csv
 from cellnest.io import atomic_write
-from cellnest.metrics import ImageScore, score_image
+from cellnest.metrics import score_image
 from cellnest.postprocess import PostprocessConfig, probabilities_to_instances
 from cellnest.recipe import RecipeError, load_recipe, read_named_yaml
 
@@ -121,25 +121,38 @@ def _slug(name: str) -> str:
 def _run_scores(run_dir: Path, model: Path, val_items, recipe, device: str) -> list[tuple[str, str, float]]:
     """Per-image F1 of ``model`` on the validation images, decoded with the recipe's
     post-processing (never thresholds tuned on these same images), so rows differ only in
-    training. Cached in ``run_dir/scores.csv``; a run's own ``val_scores.csv`` (the trainer
-    scored its best model the same way) is used when it covers every validation image.
+    training. Cached in ``run_dir/scores.csv`` while it covers these images and is newer
+    than the model; a model trained in ``run_dir`` brings its own ``val_scores.csv`` (the
+    trainer scored it the same way), used when it covers every validation image.
     """
     from cellnest.models import build_network, read_model_file
     from cellnest.predict import PredictorConfig
     from cellnest.validate import validate
 
-    path = run_dir / "scores.csv"
-    if not path.exists():
-        own = model.parent / "val_scores.csv"
-        if own.exists() and sorted(n for n, _, _ in read_scores_csv(own)) == sorted(i.name for i in val_items):
+    names = sorted(i.name for i in val_items)
+
+    def usable(scores: Path) -> bool:
+        return (scores.exists() and scores.stat().st_mtime >= model.stat().st_mtime
+                and sorted(n for n, _, _ in read_scores_csv(scores)) == names)
+
+    path, own = run_dir / "scores.csv", run_dir / "val_scores.csv"
+    if not usable(path):
+        if model.parent == run_dir and usable(own):
             atomic_write(path, lambda tmp: tmp.write_bytes(own.read_bytes()))
-            return read_scores_csv(path)
-        samples = [SampleCache().load(i, recipe.targets) for i in val_items]
-        bundle = read_model_file(model)
-        result = validate(build_network(bundle, model), samples, PredictorConfig.from_dict(bundle["predictor"]), recipe.postprocess, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_scores_csv(path, result.scores)
+        else:
+            samples = [SampleCache().load(i, recipe.targets) for i in val_items]
+            bundle = read_model_file(model)
+            result = validate(build_network(bundle, model), samples, PredictorConfig.from_dict(bundle["predictor"]), recipe.postprocess, device)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_scores_csv(path, result.scores)
     return read_scores_csv(path)
+
+
+def _budget(comparison: Comparison):
+    from cellnest.train import Budget, parse_duration
+
+    b = comparison.budget
+    return Budget(b.get("epochs"), b.get("steps"), parse_duration(str(b["time"])) if "time" in b else None)
 
 
 def run_comparison(
@@ -158,8 +171,10 @@ def run_comparison(
     ``teacher`` (selftrain comparisons): start every seed from this model instead of
     training round 0.
     """
-    from cellnest.train import Budget, parse_duration, train_from_folders
+    from cellnest.train import discard_unstarted_run, finished_state, train_from_folders
 
+    if teacher is not None and comparison.kind != "selftrain":
+        raise ValueError(f"--teacher is for selftrain comparisons; {comparison.name!r} is a {comparison.kind} comparison")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     val_items = load_folder(val, require_labels=True)
@@ -171,8 +186,7 @@ def run_comparison(
     if comparison.kind == "train":
         if data is None:
             raise ValueError("a train comparison needs --data (the labelled training folder)")
-        b = comparison.budget
-        budget = Budget(b.get("epochs"), b.get("steps"), parse_duration(str(b["time"])) if "time" in b else None)
+        budget = _budget(comparison)
         for variant in comparison.variants:
             runs = []
             for seed in comparison.seeds:
@@ -181,9 +195,9 @@ def run_comparison(
                     recipe = load_recipe(variant.recipe, [*comparison.set, *variant.set, f"train.seed={seed}"])
                 except RecipeError as err:
                     raise ValueError(f"variant {variant.name!r}: {err}") from None
-                if not (run_dir / "scores.csv").exists() and not (run_dir / "report.md").exists():
-                    resume = (run_dir / "checkpoint.pt").exists()
-                    train_from_folders(recipe, data, run_dir, None, None, budget, device, resume, progress=progress)
+                if finished_state(run_dir, budget, recipe) is None:  # not yet trained, interrupted, or a larger budget
+                    discard_unstarted_run(run_dir)
+                    train_from_folders(recipe, data, run_dir, None, None, budget, device, (run_dir / "checkpoint.pt").exists(), progress=progress)
                 runs.append(_run_scores(run_dir, run_dir / "model.pt", val_items, recipe, device))
                 log.info("%s seed %d: mean F1 %.4f", variant.name, seed, np.mean([f for _, _, f in runs[-1]]))
             per_variant[variant.name] = runs
@@ -192,15 +206,12 @@ def run_comparison(
             raise ValueError("a selftrain comparison needs --data (labelled) and --unlabeled")
         from cellnest.selftrain import self_train
 
-        b = comparison.budget
-        budget = Budget(b.get("epochs"), b.get("steps"), parse_duration(str(b["time"])) if "time" in b else None)
         variant = comparison.variants[0]  # the recipe whose rounds are compared
         for seed in comparison.seeds:
             recipe = load_recipe(variant.recipe, [*comparison.set, *variant.set, f"train.seed={seed}"])
             run_dir = out / f"seed{seed}"
-            arms = [f"{arm}{r}" for r in range(1, recipe.selftrain.rounds + 1) for arm in ("round", "control")]
-            if not all((run_dir / arm / "report.md").exists() for arm in arms):
-                self_train(recipe, data, unlabeled, run_dir, val, teacher, budget, device, run_dir.exists(), progress=progress, control=True)
+            # resumes what is unfinished and reuses finished rounds as they are
+            self_train(recipe, data, unlabeled, run_dir, val, teacher, _budget(comparison), device, True, progress=progress, control=True)
             first = Path(teacher) if teacher else run_dir / "round0" / "model.pt"
             per_variant.setdefault("teacher", []).append(_run_scores(run_dir / "round0", first, val_items, recipe, device))
             for r in range(1, recipe.selftrain.rounds + 1):
@@ -277,7 +288,8 @@ def write_table(out: Path, comparison: Comparison, rows: Sequence[dict]) -> None
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out / "table.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
-    subset = f"; scored on a fixed random subset of {comparison.val_images} validation images" if comparison.val_images else ""
+    n_images = next((r["n_images"] for r in rows if r["modality"] == "all"), 0)
+    subset = f"; scored on a fixed random subset of {n_images} validation images" if comparison.val_images and n_images == comparison.val_images else ""
     lines = [f"# {comparison.name}", "", comparison.description, "", f"Budget: {comparison.budget or 'one trained model'}; "
              f"seeds: {list(comparison.seeds) if comparison.kind != 'postprocess' else 'n/a'}{subset}.", "",
              "| variant | modality | n | mean F1 | sd (seeds) | 95% bootstrap CI | difference (paired 95% CI) | vs |",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -303,10 +303,20 @@ class Recipe:
         return yaml.safe_dump(self.raw, sort_keys=False)
 
     def differences(self, other: "Recipe") -> list[str]:
-        """Sections whose resolved values differ (a default and the same value written out
-        are equal), e.g. to refuse resuming a run with another recipe."""
+        """Sections whose resolved values differ, e.g. to refuse resuming a run with another
+        recipe. A default and the same value written out are equal (lists and tuples alike);
+        ``selftrain.rounds`` and ``selftrain.overlays`` are left out, as they do not change
+        how any one round trains (so a finished self-training run can take more rounds)."""
+        def normal(section: Any) -> Any:
+            if is_dataclass(section):
+                section = replace(section, rounds=1, overlays=0) if isinstance(section, SelfTrainConfig) else section
+                section = {f.name: getattr(section, f.name) for f in fields(section)}
+            if isinstance(section, dict):
+                return {k: normal(v) for k, v in section.items()}
+            return tuple(normal(v) for v in section) if isinstance(section, (list, tuple)) else section
+
         text = {"name", "description", "source", "raw"}
-        return sorted(f.name for f in fields(self) if f.name not in text and getattr(self, f.name) != getattr(other, f.name))
+        return sorted(f.name for f in fields(self) if f.name not in text and normal(getattr(self, f.name)) != normal(getattr(other, f.name)))
 
 
 def _check_model_and_loss(model: NamedConfig, loss: NamedConfig, where: str) -> None:

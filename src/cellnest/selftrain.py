@@ -49,7 +49,8 @@ from cellnest.postprocess import probabilities_to_instances
 from cellnest.predict import Predictor
 from cellnest.recipe import Recipe, SelfTrainConfig, apply_override
 from cellnest.targets import weight_map
-from cellnest.train import Budget, State, Trainer, distributed_env, load_samples, prepare_run_folder
+from cellnest.train import (Budget, State, Trainer, discard_unstarted_run, distributed_env, finished_state, load_samples,
+                            prepare_run_folder)
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,9 @@ def self_train(
     ``budget`` applies to every round. ``round<k>/`` holds each round's run (model.pt,
     metrics.csv, curves.png, report.md) and, for pseudo-labelling, ``pseudo/`` with the
     pseudo-labels it trained on; ``control<k>/`` the supervised-only twin (``control``).
-    With ``resume``, finished rounds are reused without predicting their pseudo-labels again.
+    With ``resume``, rounds finished under ``budget`` are reused as they are (no pseudo-labels
+    predicted again), interrupted ones resume, and ones stopped before their first
+    checkpoint start over.
     """
     from cellnest.models import build_network, read_model_file
 
@@ -192,11 +195,13 @@ def self_train(
     unlabeled_samples = load_samples(load_folder(unlabeled), recipe, cache, progress)
     val_samples = load_samples(load_folder(val, require_labels=True), recipe, cache, progress) if val else []
 
-    def finished(name: str) -> bool:
-        return resume and (out / name / "report.md").exists() and (out / name / "model.pt").exists()
+    def finished(name: str, run_recipe: Recipe) -> State | None:
+        return finished_state(out / name, budget, run_recipe) if resume else None
 
     def run_round(name: str, run_recipe: Recipe, samples, init=None, extra=None) -> State:
         run_dir = out / name
+        if resume:
+            discard_unstarted_run(run_dir)
         resuming = resume and (run_dir / "checkpoint.pt").exists()
         prepare_run_folder(run_dir, resuming)
         trainer = Trainer(run_recipe, samples, val_samples, run_dir, budget, device, progress, init_weights=init, extra=extra)
@@ -215,21 +220,20 @@ def self_train(
     student_recipe = _student_recipe(recipe, config.finetune_lr)
     for r in range(1, config.rounds + 1):
         bundle = read_model_file(teacher)
-        if config.method == "pseudo_label":
-            pseudo = []
-            if not finished(f"round{r}"):
-                pseudo = pseudo_label(build_network(bundle, teacher), unlabeled_samples, recipe, device, config.confidence, progress)
-                if distributed_env()[0] == 0:
-                    _write_pseudo_labels(out / f"round{r}" / "pseudo", pseudo, config.overlays)
+        state = finished(f"round{r}", student_recipe)  # reused as it is: no pseudo-labels predicted again
+        if state is None and config.method == "pseudo_label":
+            pseudo = pseudo_label(build_network(bundle, teacher), unlabeled_samples, recipe, device, config.confidence, progress)
+            if distributed_env()[0] == 0:
+                _write_pseudo_labels(out / f"round{r}" / "pseudo", pseudo, config.overlays)
             state = run_round(f"round{r}", student_recipe, labeled_samples + pseudo, init=bundle["state_dict"])
-        else:
+        elif state is None:
             term = ConsistencyTerm(build_network(bundle, teacher), unlabeled_samples, recipe.data.patch_size, config, recipe.train.seed + r)
             state = run_round(f"round{r}", student_recipe, labeled_samples, init=bundle["state_dict"], extra=term)
         teacher = out / f"round{r}" / "model.pt"
         rows.append(_row(r, "student", state, teacher))
         log.info("round %d: best validation mean F1 %.4f", r, state.best_f1)
         if control:
-            state = run_round(f"control{r}", student_recipe, labeled_samples, init=read_model_file(twin)["state_dict"])
+            state = finished(f"control{r}", student_recipe) or run_round(f"control{r}", student_recipe, labeled_samples, init=read_model_file(twin)["state_dict"])
             twin = out / f"control{r}" / "model.pt"
             rows.append(_row(r, "supervised only", state, twin))
             log.info("round %d, supervised only: best validation mean F1 %.4f", r, state.best_f1)

@@ -73,6 +73,12 @@ class Budget:
     steps: int | None = None
     seconds: float | None = None
 
+    def spent(self, state: "State", recipe_epochs: int) -> bool:
+        """Whether a run in ``state`` has nothing left to train under this budget."""
+        epochs = self.epochs if self.epochs is not None else recipe_epochs
+        return (state.epoch >= epochs or (self.steps is not None and state.step >= self.steps)
+                or (self.seconds is not None and state.seconds >= self.seconds))
+
 
 def parse_duration(text: str) -> float:
     """``"90s"``, ``"30m"``, ``"2h"``, ``"1h30m"`` or plain seconds -> seconds."""
@@ -156,6 +162,42 @@ def prepare_run_folder(out: Path, resume: bool) -> None:
     if existing and not resume:
         raise RunFolderError(f"{out}: already holds a run ({', '.join(existing)}); use --resume or another --out")
     out.mkdir(parents=True, exist_ok=True)
+
+
+def check_same_recipe(out: Path, recipe: Recipe) -> None:
+    """Refuse to continue or reuse the run in ``out`` with another recipe than its own."""
+    saved_path = out / "recipe.yaml"
+    if not saved_path.exists():
+        return
+    try:
+        saved = Recipe.from_dict(yaml.safe_load(saved_path.read_text()), str(saved_path))
+    except (RecipeError, yaml.YAMLError) as err:
+        raise RunFolderError(f"{saved_path}: cannot resume ({str(err).splitlines()[0]})") from None
+    changed = recipe.differences(saved)
+    if changed:
+        raise RunFolderError(f"{out}: the recipe differs from the run's recipe.yaml in {changed}; resume with the same recipe and --set values")
+
+
+def finished_state(out: Path, budget: Budget, recipe: Recipe) -> State | None:
+    """The state of a run of ``recipe`` in ``out`` that finished and has nothing left under
+    ``budget`` (so it can be reused without loading its data), else None."""
+    path = out / "checkpoint.pt"
+    if not ((out / "model.pt").exists() and path.exists()):
+        return None
+    check_same_recipe(out, recipe)
+    try:
+        state = State(**torch.load(path, map_location="cpu", weights_only=True)["state"])
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
+        raise RunFolderError(f"{path}: cannot read ({str(err).splitlines()[0]})") from None
+    return state if state.finished and budget.spent(state, recipe.train.epochs) else None
+
+
+def discard_unstarted_run(out: Path) -> None:
+    """Remove the files of a run stopped before its first checkpoint: nothing in it can be
+    resumed. Only for run folders a tool manages itself (comparisons, self-training rounds)."""
+    if not (out / "checkpoint.pt").exists():
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
 
 
 def load_samples(items: Sequence[Item], recipe: Recipe, cache: SampleCache, progress: bool) -> list[Sample]:
@@ -257,14 +299,7 @@ class Trainer:
     def resume(self) -> None:
         """Restore everything from ``checkpoint.pt`` (see the module docstring)."""
         path = self.out / "checkpoint.pt"
-        saved_path = self.out / "recipe.yaml"
-        try:
-            saved = Recipe.from_dict(yaml.safe_load(saved_path.read_text()), str(saved_path)) if saved_path.exists() else None
-        except (RecipeError, yaml.YAMLError) as err:
-            raise RunFolderError(f"{saved_path}: cannot resume ({str(err).splitlines()[0]})") from None
-        changed = self.recipe.differences(saved) if saved is not None else []
-        if changed:
-            raise RunFolderError(f"{self.out}: the recipe differs from the run's recipe.yaml in {changed}; resume with the same recipe and --set values")
+        check_same_recipe(self.out, self.recipe)
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             self.model.load_state_dict(ckpt["model"])
@@ -482,8 +517,8 @@ def write_report(out: Path, recipe: Recipe, state: State, budget: Budget, note: 
             lines += ["Validation of `model.pt` (challenge F1, recipe post-processing):", "", format_table(meta["validation"]), ""]
     if note:
         lines += [note, ""]
-    lines += ["Files: `model.pt` (best model), `val_scores.csv` (its per-image validation scores), `metrics.csv`, "
-              "`curves.png`, `recipe.yaml`, `checkpoint.pt`.", ""]
+    scores = "`val_scores.csv` (its per-image validation scores), " if (out / "val_scores.csv").exists() else ""
+    lines += [f"Files: `model.pt` (best model), {scores}`metrics.csv`, `curves.png`, `recipe.yaml`, `checkpoint.pt`.", ""]
     atomic_write(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines)))
 
 
