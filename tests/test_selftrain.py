@@ -19,7 +19,7 @@ from cellnest.synthetic import write_synthetic_folder
 TINY = [
     "model.name=unet", "model.cfg={channels: [8, 16, 32], strides: [2, 2], num_res_units: 1}",
     "data.patch_size=64", "data.batch_size=2", "data.patches_per_epoch=4", "predictor.tile=128",
-    "train.val_every=1", "train.tune_postprocess=false", "selftrain.overlays=2", "selftrain.unlabeled_batch=2",
+    "train.val_every=1", "train.tune_postprocess=false", "selftrain.unlabeled_batch=2",
 ]
 
 
@@ -44,7 +44,7 @@ def _args(folders: Path, out: Path, method: str, *extra: str) -> list[str]:
 def test_pseudo_label_round(folders, tmp_path, monkeypatch):
     monkeypatch.setenv("CELLNEST_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "pl"
-    assert main(_args(folders, out, "pseudo_label", "--set", "selftrain.confidence=0.5")) == 0
+    assert main(_args(folders, out, "pseudo_label", "--set", "selftrain.confidence=0.5", "--overlays", "2")) == 0
     pseudo = sorted((out / "round1" / "pseudo").glob("*_label.tiff"))
     images = sorted((folders / "unlabeled" / "images").iterdir())
     assert len(pseudo) == 3 and len(list((out / "round1" / "pseudo").glob("*_overlay.png"))) == 2

@@ -91,7 +91,7 @@ def _cmd_selftrain(args: argparse.Namespace) -> int:
     from cellnest.train import Budget, parse_duration
 
     overrides = list(args.set or [])
-    for key, value in (("method", args.method), ("rounds", args.rounds)):
+    for key, value in (("method", args.method), ("rounds", args.rounds), ("overlays", args.overlays)):
         if value is not None:
             overrides.append(f"selftrain.{key}={value}")
     recipe = load_recipe(args.recipe, overrides)
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["pseudo_label", "consistency"], help="override the recipe's method")
     p.add_argument("--rounds", type=int, help="student rounds after the teacher (default: the recipe's)")
     p.add_argument("--teacher", help="start from this model file instead of training round 0")
+    p.add_argument("--overlays", type=int, metavar="N",
+                   help="outline overlays of N pseudo-labelled images per round, for a glance (default: the recipe's, 4; 0 = none)")
     p.add_argument("--control", action="store_true",
                    help="also train, each round, a supervised-only twin of the same budget (labelled images alone)")
     _add_run_options(p, " per round")

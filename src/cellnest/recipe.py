@@ -234,6 +234,8 @@ class SelfTrainConfig:
             raise ValueError(f"selftrain rounds must be >= 1, got {self.rounds}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"selftrain ema must be in (0, 1) or null, got {self.ema}")
+        if self.overlays < 0:
+            raise ValueError(f"selftrain overlays must be >= 0, got {self.overlays}")
 
 
 SECTIONS: dict[str, type] = {
