@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cellnest.cli import main
-from cellnest.compare import load_comparison, comparison_names, summarise
+from cellnest.compare import _slug, load_comparison, comparison_names, summarise
 from cellnest.recipe import load_recipe
 from cellnest.synthetic import write_synthetic_folder
 
@@ -120,6 +120,11 @@ def test_shipped_comparisons_load_and_bootstrap_brackets_the_mean():
         summarise({"ref": runs, "other": [[("z", "x", 0.5), ("b", "x", 0.7), ("c", "y", 0.9)]]})
 
 
+def test_variant_folders_are_distinct():
+    assert _slug("U-Net++") == "U-Netpp" and _slug("U-Net") == "U-Net" and _slug("G12+G21") == "G12_and_G21"
+    assert len({_slug(v.name) for v in load_comparison("table3").variants}) == 5
+
+
 def test_bad_comparison_files(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: train\nvariants: [{name: a, recipe: unet}]\n")
@@ -127,6 +132,9 @@ def test_bad_comparison_files(tmp_path):
         load_comparison(bad)
     bad.write_text("kind: train\nbudget: {steps: 1}\nval_images: 0\nvariants: [{name: a, recipe: unet}]\n")
     with pytest.raises(ValueError, match="val_images must be a positive integer"):
+        load_comparison(bad)
+    bad.write_text("kind: train\nbudget: {steps: 1}\nvariants: [{name: 'a b', recipe: unet}, {name: 'a_b', recipe: unet}]\n")
+    with pytest.raises(ValueError, match="would share a run folder"):
         load_comparison(bad)
     with pytest.raises(ValueError, match="unknown comparison 'nope'"):
         load_comparison("nope")

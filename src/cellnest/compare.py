@@ -104,6 +104,10 @@ def load_comparison(name_or_path: str | os.PathLike) -> Comparison:
         variants.append(Variant(entry["name"], entry.get("recipe"), tuple(entry.get("set") or ()), dict(entry.get("postprocess") or {})))
     if len(variants) < 1:
         raise ValueError(f"{path}: no variants")
+    folders = [_slug(v.name) for v in variants]
+    clashes = sorted({v.name for v, f in zip(variants, folders) if folders.count(f) > 1})
+    if clashes:
+        raise ValueError(f"{path}: variants {clashes} would share a run folder; rename them")
     budget = dict(data.get("budget") or {})
     if kind in ("train", "selftrain") and not set(budget) & {"steps", "time", "epochs"}:
         raise ValueError(f"{path}: a train comparison needs an equal budget: steps, time or epochs")
@@ -115,7 +119,8 @@ def load_comparison(name_or_path: str | os.PathLike) -> Comparison:
 
 
 def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+    """A variant's folder name: "U-Net++" -> "U-Netpp", "G12+G21" -> "G12_and_G21"."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.replace("++", "pp").replace("+", " and ")).strip("_")
 
 
 def _run_scores(run_dir: Path, model: Path, val_items, recipe, device: str) -> list[tuple[str, str, float]]:
