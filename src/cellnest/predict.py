@@ -67,15 +67,24 @@ class PredictorConfig:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``"auto"``/None -> CUDA if available, else CPU; otherwise the named device."""
+    """``"auto"``/None -> CUDA if available, else CPU; otherwise the named device.
+
+    A CUDA device always gets its index (``cuda`` -> ``cuda:0``, the current device):
+    ``torch.cuda.set_device`` and DDP's ``device_ids`` refuse an index-less one.
+    """
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
     except RuntimeError:
         raise ValueError(f"unknown device {str(device)!r} (use auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA device(s) found")
     return device
 
 
