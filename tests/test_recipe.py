@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cellnest.nets import build_model
 from cellnest.losses import build_loss
 from cellnest.recipe import RecipeError, load_recipe, recipe_names
+from cellnest.train import loader_workers
 
 
 def test_shipped_recipes_load_and_build():
@@ -67,3 +69,15 @@ def test_differences_compare_resolved_values():
     assert plain.differences(load_recipe("unet", ["selftrain.rounds=5"])) == []  # more rounds: the same rounds
     assert plain.differences(load_recipe("unet", ["selftrain.gamma_range=[0.7, 1.5]"])) == []  # a default as a list
     assert plain.differences(load_recipe("unet", ["selftrain.confidence=0.5"])) == ["selftrain"]
+    assert plain.differences(load_recipe("unet", ["data.num_workers=4"])) == []  # workers never change a patch
+    assert plain.differences(load_recipe("unet", ["data.batch_size=2"])) == ["data"]
+
+
+def test_auto_loader_workers():
+    assert load_recipe("unet").data.num_workers == "auto"
+    assert loader_workers("auto", torch.device("cpu")) == 0  # workers would take the network's cores
+    assert loader_workers(3, torch.device("cpu")) == 3
+    assert 0 <= loader_workers("auto", torch.device("cuda", 0)) <= 8
+    assert loader_workers("auto", torch.device("cuda", 0), world=10_000) == 0
+    with pytest.raises(RecipeError, match="num_workers must be 'auto'"):
+        load_recipe("unet", ["data.num_workers=many"])

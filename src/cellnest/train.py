@@ -200,6 +200,16 @@ def discard_unstarted_run(out: Path) -> None:
             (out / name).unlink(missing_ok=True)
 
 
+def loader_workers(num_workers: int | str, device: torch.device, world: int = 1) -> int:
+    """DataLoader workers for ``data.num_workers`` ("auto": see :class:`DataConfig`)."""
+    if num_workers != "auto":
+        return int(num_workers)
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cores // world - 1))
+
+
 def load_samples(items: Sequence[Item], recipe: Recipe, cache: SampleCache, progress: bool) -> list[Sample]:
     """Prepared arrays of every item, from the content-keyed cache."""
     return [cache.load(item, recipe.targets) for item in tqdm(items, desc="prepare", unit="img", disable=not progress)]
@@ -263,6 +273,7 @@ class Trainer:
         self.epochs = budget.epochs if budget.epochs is not None else recipe.train.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(recipe, self.epochs))
         self.amp = recipe.train.amp and self.device.type == "cuda"
+        self.workers = loader_workers(recipe.data.num_workers, self.device, self.world)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
         patches = recipe.data.patches_per_epoch or len(self.train_samples)
@@ -412,7 +423,7 @@ class Trainer:
             # Its own generator: a DataLoader iterator otherwise draws a seed from the global
             # torch RNG, which a resumed run would then consume at a different point.
             loader = DataLoader(self.dataset, batch_size=recipe.data.batch_size, sampler=sampler,
-                                num_workers=recipe.data.num_workers, drop_last=True,
+                                num_workers=self.workers, drop_last=True,
                                 generator=torch.Generator().manual_seed(recipe.train.seed + state.epoch))
             bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{self.epochs}", unit="step",
                        initial=state.batch_in_epoch, total=self.steps_per_epoch, disable=not self.progress or self.rank != 0, leave=False)
