@@ -98,6 +98,7 @@ def test_shipped_comparisons_load_and_bootstrap_brackets_the_mean():
     assert set(comparison_names()) == {"table3", "table4", "postprocess", "selftrain", "selftrain-consistency"}
     assert [v.name for v in load_comparison("table3").variants] == ["U-Net", "UNETR", "Swin-UNETR", "U-Net++", "Attention U-Net++"]
     assert len(load_comparison("table4").variants) == 7
+    assert load_comparison("table3").variants[-1].vs == "U-Net++"  # what the gates add
     for name in comparison_names():  # every shipped variant resolves to a valid recipe
         comparison = load_comparison(name)
         for variant in comparison.variants:
@@ -118,6 +119,19 @@ def test_shipped_comparisons_load_and_bootstrap_brackets_the_mean():
     assert rows[("ref", "all")]["reference"] == "better" and rows[("ref", "all")]["delta"] == pytest.approx(-0.1)
     with pytest.raises(ValueError, match="same images"):
         summarise({"ref": runs, "other": [[("z", "x", 0.5), ("b", "x", 0.7), ("c", "y", 0.9)]]})
+    with pytest.raises(ValueError, match="number of seeds"):
+        summarise({"ref": runs, "one seed": runs[:1]})
+
+
+def test_bootstrap_holds_the_spread_between_seeds():
+    """Two seeds of one variant 0.3 above and 0.3 below the reference on every image: an
+    image-only bootstrap would call the difference exactly 0; resampling seeds does not."""
+    ref = [[(f"i{k}", "x", 0.5) for k in range(20)]] * 2
+    noisy = [[(n, m, f + 0.3) for n, m, f in ref[0]], [(n, m, f - 0.3) for n, m, f in ref[0]]]
+    row = {r["variant"]: r for r in summarise({"ref": ref, "noisy": noisy}) if r["modality"] == "all"}["noisy"]
+    assert row["delta"] == pytest.approx(0.0)
+    assert row["delta_low"] == pytest.approx(-0.3) and row["delta_high"] == pytest.approx(0.3)
+    assert row["ci_low"] == pytest.approx(0.2) and row["ci_high"] == pytest.approx(0.8)
 
 
 def test_variant_folders_are_distinct():
@@ -135,6 +149,9 @@ def test_bad_comparison_files(tmp_path):
         load_comparison(bad)
     bad.write_text("kind: train\nbudget: {steps: 1}\nvariants: [{name: 'a b', recipe: unet}, {name: 'a_b', recipe: unet}]\n")
     with pytest.raises(ValueError, match="would share a run folder"):
+        load_comparison(bad)
+    bad.write_text("kind: train\nbudget: {steps: 1}\nvariants: [{name: a, recipe: unet}, {name: b, recipe: unet, vs: c}]\n")
+    with pytest.raises(ValueError, match="vs must name another variant, got 'c'"):
         load_comparison(bad)
     with pytest.raises(ValueError, match="unknown comparison 'nope'"):
         load_comparison("nope")

@@ -11,7 +11,7 @@ A comparison is a YAML file (shipped ones in ``cellnest/comparisons/``)::
     set: [...]             # overrides applied to every variant (budget-driven sizes)
     variants:
       - {name: U-Net, recipe: unet, set: [...]}
-      - {name: Attention U-Net++, recipe: attn-unetpp}
+      - {name: Attention U-Net++, recipe: attn-unetpp, vs: U-Net}  # vs: see below
 
 ``train``: every (variant, seed) is trained into ``OUT/<variant>/seed<k>`` (a finished
 run is reused, an interrupted one resumed) without validation, so the model scored is
@@ -27,9 +27,9 @@ supervised-only twin of the same budget. Trained rows are scored with the recipe
 post-processing, never thresholds tuned on the images they are scored on.
 
 The table gives, per variant and modality, the mean F1 over seeds with its standard
-deviation, a 95% bootstrap interval (images resampled with replacement, 2000 draws, the
-same draws for every seed and variant), and the difference to a reference variant with its
-paired interval (the first variant; in ``selftrain``, a student against the teacher and a
+deviation, a 95% bootstrap interval (seeds, then images, resampled with replacement,
+2000 draws, the same draws for every variant), and the difference to a reference variant with its
+paired interval (the variant named by ``vs``, else the first variant; in ``selftrain``, a student against the teacher and a
 supervised-only twin against the student of its round), as ``table.md``/``table.csv``,
 and ``bars.png``.
 """
@@ -67,6 +67,7 @@ class Variant:
     recipe: str | None = None
     set: tuple[str, ...] = ()
     postprocess: dict = field(default_factory=dict)
+    vs: str | None = None  # the variant its paired difference is taken against (default: the first)
 
 
 @dataclass(frozen=True)
@@ -96,14 +97,20 @@ def load_comparison(name_or_path: str | os.PathLike) -> Comparison:
         raise ValueError(f"{path}: kind must be one of {KINDS}, got {kind!r}")
     variants = []
     for entry in data.get("variants") or []:
-        extra = set(entry) - {"name", "recipe", "set", "postprocess"}
+        extra = set(entry) - {"name", "recipe", "set", "postprocess", "vs"}
         if "name" not in entry or extra:
-            raise ValueError(f"{path}: each variant needs a name and may have recipe, set, postprocess (got {sorted(entry)})")
+            raise ValueError(f"{path}: each variant needs a name and may have recipe, set, postprocess, vs (got {sorted(entry)})")
         if kind in ("train", "selftrain") and not entry.get("recipe"):
             raise ValueError(f"{path}: variant {entry['name']!r} needs a recipe")
-        variants.append(Variant(entry["name"], entry.get("recipe"), tuple(entry.get("set") or ()), dict(entry.get("postprocess") or {})))
+        variants.append(Variant(entry["name"], entry.get("recipe"), tuple(entry.get("set") or ()),
+                                dict(entry.get("postprocess") or {}), entry.get("vs")))
     if len(variants) < 1:
         raise ValueError(f"{path}: no variants")
+    names = [v.name for v in variants]
+    for v in variants:
+        if v.vs is not None and (v.vs not in names or v.vs == v.name or kind == "selftrain"):
+            raise ValueError(f"{path}: variant {v.name!r}: vs must name another variant"
+                             f"{' (selftrain rows have fixed references)' if kind == 'selftrain' else ''}, got {v.vs!r}")
     folders = [_slug(v.name) for v in variants]
     clashes = sorted({v.name for v, f in zip(variants, folders) if folders.count(f) > 1})
     if clashes:
@@ -187,7 +194,8 @@ def run_comparison(
         keep = np.random.default_rng(0).choice(len(val_items), comparison.val_images, replace=False)
         val_items = [val_items[i] for i in sorted(keep)]
     per_variant: dict[str, list[list[tuple[str, str, float]]]] = {}
-    references: dict[str, str] = {}  # variant -> the variant its paired difference is taken against
+    # variant -> the variant its paired difference is taken against
+    references: dict[str, str] = {v.name: v.vs for v in comparison.variants if v.vs}
     if comparison.kind == "train":
         if data is None:
             raise ValueError("a train comparison needs --data (the labelled training folder)")
@@ -213,7 +221,10 @@ def run_comparison(
 
         variant = comparison.variants[0]  # the recipe whose rounds are compared
         for seed in comparison.seeds:
-            recipe = load_recipe(variant.recipe, [*comparison.set, *variant.set, f"train.seed={seed}"])
+            try:
+                recipe = load_recipe(variant.recipe, [*comparison.set, *variant.set, f"train.seed={seed}"])
+            except RecipeError as err:
+                raise ValueError(f"variant {variant.name!r}: {err}") from None
             run_dir = out / f"seed{seed}"
             # resumes what is unfinished and reuses finished rounds as they are
             self_train(recipe, data, unlabeled, run_dir, val, teacher, _budget(comparison), device, True, progress=progress, control=True)
@@ -252,10 +263,15 @@ def summarise(per_variant: dict[str, list[list[tuple[str, str, float]]]], seed: 
     the paired difference to a reference variant (``references[variant]``; default: the
     first variant).
 
-    Each run is a list of (image, modality, F1); every run must cover the same images. The
-    bootstrap resamples images and averages over seeds; one draw serves every variant, so
-    the difference interval is paired: it cancels what all variants share (hard images),
-    which the per-variant intervals cannot.
+    Each run is a list of (image, modality, F1); every run must cover the same images, and
+    every variant the same number of seeds. The bootstrap is two-stage (hierarchical): each
+    draw resamples the seeds with replacement, then the images, and averages F1 over both,
+    so the interval holds the spread between training runs as well as between images (with
+    few seeds, short budgets are dominated by the first). One draw serves every variant, seed
+    k of one variant paired with seed k of another (the same patch stream; in
+    ``selftrain`` the same chain of rounds), so the difference interval is paired: it
+    cancels what all variants share (hard images), which the per-variant intervals cannot.
+    With one seed this is the plain image bootstrap.
     """
     ordered = {v: [sorted(run) for run in runs] for v, runs in per_variant.items()}
     names = {tuple(n for n, _, _ in run) for runs in ordered.values() for run in runs}
@@ -263,16 +279,22 @@ def summarise(per_variant: dict[str, list[list[tuple[str, str, float]]]], seed: 
         raise ValueError("every run of a comparison must be scored on the same images")
     first = next(iter(ordered))
     references = {v: (references or {}).get(v, first) for v in ordered}
+    n_seeds = {len(runs) for runs in ordered.values()}
+    if len(n_seeds) != 1:
+        raise ValueError("every variant of a comparison must have the same number of seeds")
     modalities = np.array([m for _, m, _ in ordered[first][0]])
     rows: dict[str, list[dict]] = {v: [] for v in ordered}
     rng = np.random.default_rng(seed)
+    seed_draws = rng.integers(0, n_seeds.pop(), size=(BOOTSTRAP_DRAWS, len(ordered[first])))
     for modality in [*sorted(set(modalities)), "all"]:
         cols = np.ones(len(modalities), bool) if modality == "all" else modalities == modality
         draws = rng.integers(0, int(cols.sum()), size=(BOOTSTRAP_DRAWS, int(cols.sum())))
         seed_means, boots = {}, {}
         for variant, runs in ordered.items():
             sub = np.array([[f for _, _, f in run] for run in runs])[:, cols]  # (seeds, images)
-            seed_means[variant], boots[variant] = sub.mean(axis=1), sub[:, draws].mean(axis=(0, 2))
+            per_draw = sub[:, draws].mean(axis=2).T  # (draws, seeds): each seed's mean over the drawn images
+            seed_means[variant] = sub.mean(axis=1)
+            boots[variant] = np.take_along_axis(per_draw, seed_draws, axis=1).mean(axis=1)
         for variant, runs in ordered.items():
             per_seed, boot, ref = seed_means[variant], boots[variant], references[variant]
             delta = boot - boots[ref]
