@@ -124,6 +124,19 @@ def test_sigkill_then_resume_equals_uninterrupted(split, tmp_path):
     assert _f1_rows(killed) == _f1_rows(reference)
 
 
+def test_loader_workers_never_change_the_run(split, tmp_path, monkeypatch):
+    """Patches are a pure function of their index: two workers kept over three epochs train
+    the very weights the main process does."""
+    monkeypatch.setenv("CELLNEST_CACHE", str(tmp_path / "cache"))
+    weights = []
+    for workers in (0, 2):
+        out = tmp_path / f"workers{workers}"
+        assert main(_train_args(split, out, "--epochs", "3", "--set", f"data.num_workers={workers}")) == 0
+        weights.append(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def _f1_rows(run: Path) -> list[dict]:
     """metrics.csv without its wall-clock and loss-average columns."""
     return [{k: v for k, v in r.items() if k.startswith("f1_") or k in ("epoch", "step")} for r in csv.DictReader(open(run / "metrics.csv"))]

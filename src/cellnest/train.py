@@ -417,14 +417,16 @@ class Trainer:
         self.model.train()
         first_step, seconds_before, fit_start = state.step, state.seconds, time.monotonic()
         last_save, loss_avg, stop = time.monotonic(), float("nan"), False
+        sampler = ResumableSampler(self.dataset.length, rank=self.rank, world_size=self.world)
+        # One loader for the whole run, its workers kept between epochs: starting them anew
+        # each epoch cost more than a short epoch takes on a GPU. Its own generator: an
+        # iterator otherwise draws a seed from the global torch RNG, which a resumed run
+        # would then consume at a different point (patches themselves use no torch RNG).
+        loader = DataLoader(self.dataset, batch_size=recipe.data.batch_size, sampler=sampler,
+                            num_workers=self.workers, persistent_workers=self.workers > 0, drop_last=True,
+                            generator=torch.Generator().manual_seed(recipe.train.seed))
         while state.epoch < self.epochs and not stop:
-            sampler = ResumableSampler(self.dataset.length, start=state.batch_in_epoch * self.per_step,
-                                       epoch=state.epoch, rank=self.rank, world_size=self.world)
-            # Its own generator: a DataLoader iterator otherwise draws a seed from the global
-            # torch RNG, which a resumed run would then consume at a different point.
-            loader = DataLoader(self.dataset, batch_size=recipe.data.batch_size, sampler=sampler,
-                                num_workers=self.workers, drop_last=True,
-                                generator=torch.Generator().manual_seed(recipe.train.seed + state.epoch))
+            sampler.set_epoch(state.epoch, start=state.batch_in_epoch * self.per_step)
             bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{self.epochs}", unit="step",
                        initial=state.batch_in_epoch, total=self.steps_per_epoch, disable=not self.progress or self.rank != 0, leave=False)
             for batch in bar:
