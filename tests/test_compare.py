@@ -114,6 +114,7 @@ def test_shipped_comparisons_load_and_bootstrap_brackets_the_mean():
     rows = {(r["variant"], r["modality"]): r for r in summarise({"ref": runs, "better": better})}
     assert rows[("ref", "all")]["delta"] == 0.0
     assert rows[("better", "all")]["delta_low"] == pytest.approx(0.1) and rows[("better", "all")]["delta_high"] == pytest.approx(0.1)
+    assert rows[("better", "all")]["seeds_above"] == 2 and rows[("ref", "all")]["seeds_above"] == 0
     assert rows[("better", "all")]["ci_high"] - rows[("better", "all")]["ci_low"] > 0.1
     rows = {(r["variant"], r["modality"]): r for r in summarise({"ref": runs, "better": better}, references={"ref": "better"})}
     assert rows[("ref", "all")]["reference"] == "better" and rows[("ref", "all")]["delta"] == pytest.approx(-0.1)
@@ -129,7 +130,7 @@ def test_bootstrap_holds_the_spread_between_seeds():
     ref = [[(f"i{k}", "x", 0.5) for k in range(20)]] * 2
     noisy = [[(n, m, f + 0.3) for n, m, f in ref[0]], [(n, m, f - 0.3) for n, m, f in ref[0]]]
     row = {r["variant"]: r for r in summarise({"ref": ref, "noisy": noisy}) if r["modality"] == "all"}["noisy"]
-    assert row["delta"] == pytest.approx(0.0)
+    assert row["delta"] == pytest.approx(0.0) and row["seeds_above"] == 1
     assert row["delta_low"] == pytest.approx(-0.3) and row["delta_high"] == pytest.approx(0.3)
     assert row["ci_low"] == pytest.approx(0.2) and row["ci_high"] == pytest.approx(0.8)
 
@@ -152,6 +153,9 @@ def test_bad_comparison_files(tmp_path):
         load_comparison(bad)
     bad.write_text("kind: train\nbudget: {steps: 1}\nvariants: [{name: a, recipe: unet}, {name: b, recipe: unet, vs: c}]\n")
     with pytest.raises(ValueError, match="vs must name another variant, got 'c'"):
+        load_comparison(bad)
+    bad.write_text("kind: selftrain\nbudget: {steps: 1}\nvariants: [{name: a, recipe: unet}, {name: b, recipe: unet, vs: a}]\n")
+    with pytest.raises(ValueError, match="selftrain comparisons take no vs"):
         load_comparison(bad)
     with pytest.raises(ValueError, match="unknown comparison 'nope'"):
         load_comparison("nope")

@@ -73,11 +73,13 @@ def test_differences_compare_resolved_values():
     assert plain.differences(load_recipe("unet", ["data.batch_size=2"])) == ["data"]
 
 
-def test_auto_loader_workers():
+def test_auto_loader_workers(monkeypatch):
     assert load_recipe("unet").data.num_workers == "auto"
     assert loader_workers("auto", torch.device("cpu")) == 0  # workers would take the network's cores
     assert loader_workers(3, torch.device("cpu")) == 3
-    assert 0 <= loader_workers("auto", torch.device("cuda", 0)) <= 8
-    assert loader_workers("auto", torch.device("cuda", 0), world=10_000) == 0
+    cuda = torch.device("cuda", 0)
+    for cores, processes, expected in ((16, 1, 8), (4, 1, 3), (1, 1, 0), (16, 2, 7), (16, 8, 1)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert loader_workers("auto", cuda, processes) == expected, (cores, processes)
     with pytest.raises(RecipeError, match="num_workers must be 'auto'"):
         load_recipe("unet", ["data.num_workers=many"])

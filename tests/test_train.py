@@ -125,16 +125,17 @@ def test_sigkill_then_resume_equals_uninterrupted(split, tmp_path):
 
 
 def test_loader_workers_never_change_the_run(split, tmp_path, monkeypatch):
-    """Patches are a pure function of their index: two workers kept over three epochs train
-    the very weights the main process does."""
+    """Patches are a pure function of their index: two persistent workers, stopped in the
+    middle of an epoch and resumed, train the very weights the main process does alone."""
     monkeypatch.setenv("CELLNEST_CACHE", str(tmp_path / "cache"))
-    weights = []
-    for workers in (0, 2):
-        out = tmp_path / f"workers{workers}"
-        assert main(_train_args(split, out, "--epochs", "3", "--set", f"data.num_workers={workers}")) == 0
-        weights.append(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    alone, workers = tmp_path / "alone", tmp_path / "workers"
+    assert main(_train_args(split, alone, "--steps", "10", "--set", "data.num_workers=0")) == 0
+    assert main(_train_args(split, workers, "--steps", "6", "--set", "data.num_workers=2")) == 0  # 4 steps an epoch
+    assert main(_train_args(split, workers, "--steps", "10", "--set", "data.num_workers=2", "--resume")) == 0
+    expected, got = (torch.load(run / "checkpoint.pt", weights_only=True) for run in (alone, workers))
+    assert got["state"]["step"] == expected["state"]["step"] == 10
+    assert expected["model"].keys() == got["model"].keys()
+    assert all(torch.equal(expected["model"][k], got["model"][k]) for k in expected["model"])
 
 
 def _f1_rows(run: Path) -> list[dict]:

@@ -200,14 +200,15 @@ def discard_unstarted_run(out: Path) -> None:
             (out / name).unlink(missing_ok=True)
 
 
-def loader_workers(num_workers: int | str, device: torch.device, world: int = 1) -> int:
-    """DataLoader workers for ``data.num_workers`` ("auto": see :class:`DataConfig`)."""
+def loader_workers(num_workers: int | str, device: torch.device, local_processes: int = 1) -> int:
+    """DataLoader workers for ``data.num_workers`` ("auto": see :class:`DataConfig`);
+    ``local_processes``: training processes sharing this machine's cores."""
     if num_workers != "auto":
         return int(num_workers)
     if device.type != "cuda":
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(8, cores // world - 1))
+    return max(0, min(8, cores // local_processes - 1))
 
 
 def load_samples(items: Sequence[Item], recipe: Recipe, cache: SampleCache, progress: bool) -> list[Sample]:
@@ -273,7 +274,8 @@ class Trainer:
         self.epochs = budget.epochs if budget.epochs is not None else recipe.train.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(recipe, self.epochs))
         self.amp = recipe.train.amp and self.device.type == "cuda"
-        self.workers = loader_workers(recipe.data.num_workers, self.device, self.world)
+        # torchrun's LOCAL_WORLD_SIZE: processes on this machine (WORLD_SIZE spans all machines)
+        self.workers = loader_workers(recipe.data.num_workers, self.device, int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
         patches = recipe.data.patches_per_epoch or len(self.train_samples)
@@ -455,6 +457,7 @@ class Trainer:
                 self._validate(loss_avg)
                 self.save_checkpoint()
                 last_save = time.monotonic()
+        loader = bar = None  # ends the persistent workers before the final validation and tuning
         if state.finished and state.step == first_step:
             return state  # a finished run resumed under the same budget: nothing to redo
         if state.validated_step != state.step:
