@@ -140,22 +140,22 @@ def test_variant_folders_are_distinct():
     assert len({_slug(v.name) for v in load_comparison("table3").variants}) == 5
 
 
-def test_bad_comparison_files(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("kind: train\nvariants: [{name: a, recipe: unet}]", "needs an equal budget"),
+    ("kind: train\nbudget: {steps: 1}\nval_images: 0\nvariants: [{name: a, recipe: unet}]", "val_images must be a positive integer"),
+    ("kind: train\nbudget: {steps: 1}\nvariants: [{name: 'a b', recipe: unet}, {name: 'a_b', recipe: unet}]", "would share a run folder"),
+    ("kind: train\nbudget: {steps: 1}\nvariants: [{name: a, recipe: unet}, {name: b, recipe: unet, vs: c}]",
+     "vs must name another variant, got 'c'"),
+    ("kind: selftrain\nbudget: {steps: 1}\nvariants: [{name: a, recipe: unet}, {name: b, recipe: unet, vs: a}]",
+     "selftrain comparisons take no vs"),
+])
+def test_bad_comparison_files(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("kind: train\nvariants: [{name: a, recipe: unet}]\n")
-    with pytest.raises(ValueError, match="needs an equal budget"):
+    bad.write_text(text + "\n")
+    with pytest.raises(ValueError, match=message):
         load_comparison(bad)
-    bad.write_text("kind: train\nbudget: {steps: 1}\nval_images: 0\nvariants: [{name: a, recipe: unet}]\n")
-    with pytest.raises(ValueError, match="val_images must be a positive integer"):
-        load_comparison(bad)
-    bad.write_text("kind: train\nbudget: {steps: 1}\nvariants: [{name: 'a b', recipe: unet}, {name: 'a_b', recipe: unet}]\n")
-    with pytest.raises(ValueError, match="would share a run folder"):
-        load_comparison(bad)
-    bad.write_text("kind: train\nbudget: {steps: 1}\nvariants: [{name: a, recipe: unet}, {name: b, recipe: unet, vs: c}]\n")
-    with pytest.raises(ValueError, match="vs must name another variant, got 'c'"):
-        load_comparison(bad)
-    bad.write_text("kind: selftrain\nbudget: {steps: 1}\nvariants: [{name: a, recipe: unet}, {name: b, recipe: unet, vs: a}]\n")
-    with pytest.raises(ValueError, match="selftrain comparisons take no vs"):
-        load_comparison(bad)
+
+
+def test_unknown_comparison_name():
     with pytest.raises(ValueError, match="unknown comparison 'nope'"):
         load_comparison("nope")
