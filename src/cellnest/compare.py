@@ -168,6 +168,14 @@ def _budget(comparison: Comparison):
     return Budget(b.get("epochs"), b.get("steps"), parse_duration(str(b["time"])) if "time" in b else None)
 
 
+def _variant_recipe(comparison: Comparison, variant: Variant, seed: int):
+    """The variant's recipe with the comparison's and its own overrides at ``seed``."""
+    try:
+        return load_recipe(variant.recipe, [*comparison.set, *variant.set, f"train.seed={seed}"])
+    except RecipeError as err:
+        raise ValueError(f"variant {variant.name!r}: {err}") from None
+
+
 def run_comparison(
     comparison: Comparison,
     data: str | os.PathLike | None,
@@ -205,10 +213,7 @@ def run_comparison(
             runs = []
             for seed in comparison.seeds:
                 run_dir = out / _slug(variant.name) / f"seed{seed}"
-                try:
-                    recipe = load_recipe(variant.recipe, [*comparison.set, *variant.set, f"train.seed={seed}"])
-                except RecipeError as err:
-                    raise ValueError(f"variant {variant.name!r}: {err}") from None
+                recipe = _variant_recipe(comparison, variant, seed)
                 if finished_state(run_dir, budget, recipe) is None:  # not yet trained, interrupted, or a larger budget
                     discard_unstarted_run(run_dir)
                     train_from_folders(recipe, data, run_dir, None, None, budget, device, (run_dir / "checkpoint.pt").exists(), progress=progress)
@@ -222,10 +227,7 @@ def run_comparison(
 
         variant = comparison.variants[0]  # the recipe whose rounds are compared
         for seed in comparison.seeds:
-            try:
-                recipe = load_recipe(variant.recipe, [*comparison.set, *variant.set, f"train.seed={seed}"])
-            except RecipeError as err:
-                raise ValueError(f"variant {variant.name!r}: {err}") from None
+            recipe = _variant_recipe(comparison, variant, seed)
             run_dir = out / f"seed{seed}"
             # resumes what is unfinished and reuses finished rounds as they are
             self_train(recipe, data, unlabeled, run_dir, val, teacher, _budget(comparison), device, True, progress=progress, control=True)
