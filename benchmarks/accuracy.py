@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from cellnest.cli import parse_diameter
 from cellnest.data import load_folder
 from cellnest.evaluate import score_segmenter
 from cellnest.metrics import format_table, summarize
@@ -41,7 +42,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N images")
     parser.add_argument("--tile", type=int, help="override the models' sliding-window tile (pixels)")
     parser.add_argument("--overlap", type=float, help="override the models' window overlap (0-1)")
-    parser.add_argument("--diameter", help="rescale to the models' training cell size: 'auto' or pixels")
+    parser.add_argument("--diameter", type=parse_diameter, help="'auto', 'native' or pixels (default: each model's own)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     items = load_folder(args.data, require_labels=True)[: args.limit]
@@ -51,8 +52,7 @@ def main() -> None:
     overrides = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap)) if v is not None}
     results = {}
     for name in args.model or ["classical"]:
-        diameter = None if args.diameter is None else args.diameter if args.diameter == "auto" else float(args.diameter)
-        scores, seconds = score_segmenter(load_segmenter(name, predictor=overrides, diameter=diameter), items)
+        scores, seconds = score_segmenter(load_segmenter(name, predictor=overrides, diameter=args.diameter), items)
         results[name] = (summarize(scores), seconds)
         print(f"\n## {name}: {seconds:.3f} s/image\n")
         print(format_table(results[name][0]))

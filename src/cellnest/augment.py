@@ -67,6 +67,11 @@ class AugmentConfig:
     brightness_prob, brightness_range : multiply the image by a factor from this range.
     blur_prob, blur_sigma : Gaussian blur, sigma per axis uniform in this range (pixels).
     noise_prob, noise_std : additive Gaussian noise, sd uniform in [0, noise_std].
+    colour_prob, colour_range : multiply each channel by its own factor from this range
+        (colour jitter: stains and cameras differ).
+    grey_prob : replace every channel by the channels' mean (colour to grey).
+    invert_prob : ``x -> 1 - x`` (polarity: dark cells on bright ground and the reverse,
+        as brightfield and fluorescence differ).
     clip_range : the image is clipped to this range at the end. Normalised images lie in
         [0, 1] at inference, so by default training images do too (noise and brightness
         can leave it; histogram shift and gamma cannot).
@@ -88,6 +93,10 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.5, 1.0)
     noise_prob: float = 0.15
     noise_std: float = 0.1
+    colour_prob: float = 0.0
+    colour_range: tuple[float, float] = (0.7, 1.3)
+    grey_prob: float = 0.0
+    invert_prob: float = 0.0
     clip_range: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
@@ -95,12 +104,12 @@ class AugmentConfig:
             value = getattr(self, f.name)
             if f.name.endswith("_prob") and not 0.0 <= value <= 1.0:
                 raise ValueError(f"augment {f.name} must be in [0, 1], got {value}")
-            if f.name in ("scale_range", "gamma_range", "brightness_range", "blur_sigma", "clip_range"):
+            if f.name in ("scale_range", "gamma_range", "brightness_range", "blur_sigma", "clip_range", "colour_range"):
                 if len(value) != 2 or not value[0] <= value[1]:
                     raise ValueError(f"augment {f.name} must be [low, high] with low <= high, got {value}")
         if not 0.0 <= self.rotate_degrees <= 180.0:
             raise ValueError(f"augment rotate_degrees must be in [0, 180], got {self.rotate_degrees}")
-        for name in ("scale_range", "gamma_range", "brightness_range"):
+        for name in ("scale_range", "gamma_range", "brightness_range", "colour_range"):
             if getattr(self, name)[0] <= 0:
                 raise ValueError(f"augment {name} must be positive, got {getattr(self, name)}")
         if self.blur_sigma[0] < 0 or self.noise_std < 0:
@@ -170,15 +179,36 @@ class Augmentation:
         image_out = torch.cat([_as_tensor(data[CHANNEL_KEY.format(i)]) for i in range(len(image))])
         self.intensity.set_random_state(seed=int(seeds[1]))
         image_out = self.intensity({"image": image_out})["image"]
+        image_np = _colour_and_polarity(_to_numpy(image_out).astype(np.float32), self.config, int(seed))
 
         low, high = self.config.clip_range
         out = {
-            "image": np.clip(_to_numpy(image_out), low, high).astype(np.float32, copy=False),
+            "image": np.clip(image_np, low, high).astype(np.float32, copy=False),
             "classes": np.rint(_to_numpy(data["classes"])[0]).astype(np.int64),
         }
         if weights is not None:
             out["weights"] = _to_numpy(data["weights"])[0].astype(np.float32, copy=False)
         return out
+
+
+def _colour_and_polarity(image: np.ndarray, c: AugmentConfig, seed: int) -> np.ndarray:
+    """Per-channel gain, grey conversion and inversion of a (C, H, W) image in [0, 1].
+
+    Plain numpy (MONAI has no polarity or grey transform); its own generator from
+    ``seed`` keeps the MONAI streams unchanged when these are off.
+    """
+    if c.colour_prob == 0 and c.grey_prob == 0 and c.invert_prob == 0:
+        return image
+    rng = np.random.default_rng([seed, 1])
+    draws = rng.random(3)
+    gains = rng.uniform(c.colour_range[0], c.colour_range[1], size=(len(image), 1, 1)).astype(np.float32)
+    if draws[0] < c.colour_prob:
+        image = image * gains
+    if draws[1] < c.grey_prob:
+        image = np.broadcast_to(image.mean(axis=0, keepdims=True), image.shape).copy()
+    if draws[2] < c.invert_prob:
+        image = 1.0 - np.clip(image, 0.0, 1.0)
+    return image
 
 
 def _as_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:

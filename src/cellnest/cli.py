@@ -22,7 +22,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from cellnest.segment import Outputs, segment_files
 
     overrides = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap), ("tta", args.tta or None)) if v is not None}
-    segmenter = load_segmenter(args.model or [DEFAULT_MODEL], device=args.device, predictor=overrides, diameter=args.diameter)
+    segmenter = load_segmenter(args.model or [DEFAULT_MODEL], device=args.device, predictor=overrides, diameter=args.diameter,
+                               estimator=args.estimator)
     outputs = Outputs(overlay=args.overlay, measure=args.measure, geojson=args.geojson)
     results = segment_files(args.inputs, args.out, segmenter, outputs, progress=not args.quiet)
     done = [r for r in results if not r.error]
@@ -153,16 +154,16 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _diameter(text: str) -> float | str:
-    """``--diameter``: 'auto' or a positive number of pixels."""
-    if text == "auto":
+def parse_diameter(text: str) -> float | str:
+    """``--diameter``: 'auto', 'native' or a positive number of pixels."""
+    if text in ("auto", "native"):
         return text
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of pixels > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'native' or a number of pixels > 0, got {text!r}")
     return value
 
 
@@ -196,8 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, help="sliding-window tile size in pixels (default: the model's)")
     p.add_argument("--overlap", type=float, help="sliding-window overlap fraction (default: the model's)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (4x slower)")
-    p.add_argument("--diameter", type=_diameter, help="typical cell diameter in pixels, or 'auto' (measured by a "
-                   "first pass): the image is rescaled to the model's training cell size (default: no rescaling)")
+    p.add_argument("--diameter", type=parse_diameter, help="typical cell diameter in pixels, 'auto' (estimated per "
+                   "image) or 'native' (no rescaling); the image is resized to the model's training cell size "
+                   "(default: auto for models trained at one cell size, else native)")
+    p.add_argument("--estimator", choices=("size_model", "search"), help="how --diameter auto estimates the size "
+                   "(default: the model's size model if it has one, else the multi-scale search)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png with cell outlines")
     p.add_argument("--measure", action="store_true", help="also write <name>_cells.csv with per-cell measurements")
     p.add_argument("--geojson", action="store_true", help="also write <name>_cells.geojson polygons for QuPath")

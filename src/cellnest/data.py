@@ -28,13 +28,14 @@ from typing import Sequence
 
 import numpy as np
 
+from cellnest.diameter import median_diameter, rescale_image, rescale_labels, training_scale
 from cellnest.io import ImageReadError, list_images, read_image, read_labels
 from cellnest.normalize import normalize_image
 from cellnest.targets import instances_to_classes, weight_map
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the cached arrays' meaning changes
+CACHE_VERSION = 2  # bump when the cached arrays' meaning changes
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,8 @@ class Sample:
     labels : (H, W) int32 instance map, or None for unlabelled images.
     classes : (H, W) uint8 3-class target (0 background, 1 interior, 2 boundary), or None.
     weights : (H, W) float32 Ronneberger weight map, or None.
+    meta : ``diameter`` (the image's median cell diameter in its own pixels, from its
+        labels) and ``scale`` (the factor the arrays were resized by; 1 = native).
     """
 
     name: str
@@ -179,15 +182,36 @@ class Sample:
 
 
 def prepare_sample(
-    image: np.ndarray, labels: np.ndarray | None, config: TargetConfig, name: str = "", modality: str = "unknown"
+    image: np.ndarray,
+    labels: np.ndarray | None,
+    config: TargetConfig,
+    name: str = "",
+    modality: str = "unknown",
+    diameter: float | None = None,
+    min_cell_pixels: int = 4,
 ) -> Sample:
-    """Normalise an (H, W, 3) image and compute targets from (H, W) labels (pure function)."""
+    """Normalise an (H, W, 3) image and compute targets from (H, W) labels (pure function).
+
+    With ``diameter`` (pixels), image and labels are first resized so that the labels'
+    median cell diameter becomes ``diameter`` (:func:`cellnest.diameter.training_scale`):
+    the image linearly, the labels by nearest neighbour; cells left with fewer than
+    ``min_cell_pixels`` pixels become background and get weight 0 in the weight map.
+    Targets and weight maps are computed at the new size, so boundaries stay one band
+    thick and sigma stays in the network's pixels. Unlabelled images keep their size.
+    """
+    if labels is not None and labels.shape != image.shape[:2]:
+        raise ValueError(f"{name}: label shape {labels.shape} differs from image shape {image.shape[:2]}")
+    native = median_diameter(labels) if labels is not None else None
+    scale = training_scale(native, diameter)
+    dropped = None
+    if scale != 1.0:
+        image = rescale_image(image, scale)
+        labels, dropped = rescale_labels(labels, scale, min_cell_pixels)
     normalised = normalize_image(image, config.lower_percentile, config.upper_percentile)
-    sample = Sample(name, modality, np.ascontiguousarray(np.moveaxis(normalised, -1, 0)))
+    sample = Sample(name, modality, np.ascontiguousarray(np.moveaxis(normalised, -1, 0)),
+                    meta={"diameter": native, "scale": scale})
     if labels is None:
         return sample
-    if labels.shape != image.shape[:2]:
-        raise ValueError(f"{name}: label shape {labels.shape} differs from image shape {image.shape[:2]}")
     sample.labels = labels.astype(np.int32)
     sample.classes = instances_to_classes(sample.labels, config.boundary_width)
     if config.weight_maps:
@@ -199,15 +223,17 @@ def prepare_sample(
             class_balance=config.class_balance,
             border_on=config.border_on,
         )
+        if dropped is not None:
+            sample.weights[dropped] = 0.0
     return sample
 
 
-def load_sample(item: Item, config: TargetConfig) -> Sample:
-    """Read an item's files and prepare its arrays (no cache)."""
+def load_sample(item: Item, config: TargetConfig, diameter: float | None = None, min_cell_pixels: int = 4) -> Sample:
+    """Read an item's files and prepare its arrays (no cache); see :func:`prepare_sample`."""
     image = read_image(item.image)
     labels = read_labels(item.label) if item.label is not None else None
     try:
-        return prepare_sample(image, labels, config, item.name, item.modality)
+        return prepare_sample(image, labels, config, item.name, item.modality, diameter, min_cell_pixels)
     except ValueError as err:  # name the label file, not just the item
         raise ImageReadError(item.label or item.image, str(err).split(": ", 1)[-1]) from None
 
@@ -218,7 +244,7 @@ def default_cache_dir() -> Path:
 
 
 class SampleCache:
-    """Prepared samples on disk, keyed by file contents and :class:`TargetConfig`.
+    """Prepared samples on disk, keyed by file contents, :class:`TargetConfig` and training cell size.
 
     Each entry is a folder of ``.npy`` files opened memory-mapped, so patch sampling reads
     only the pages it touches. Entries are written to a temporary folder and renamed, so a
@@ -231,22 +257,25 @@ class SampleCache:
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root) if root is not None else default_cache_dir()
 
-    def key(self, item: Item, config: TargetConfig) -> str:
+    def key(self, item: Item, config: TargetConfig, diameter: float | None = None, min_cell_pixels: int = 4) -> str:
         digest = hashlib.sha256()
         digest.update(f"v{CACHE_VERSION}".encode())
         digest.update(json.dumps(asdict(config), sort_keys=True).encode())
+        digest.update(json.dumps([diameter, min_cell_pixels]).encode())
         for path in (item.image, item.label):
             if path is not None:
                 digest.update(Path(path).read_bytes())
         return digest.hexdigest()[:32]
 
-    def load(self, item: Item, config: TargetConfig) -> Sample:
-        """The item's prepared sample, computed and stored on first use."""
-        entry = self.root / self.key(item, config)
+    def load(self, item: Item, config: TargetConfig, diameter: float | None = None, min_cell_pixels: int = 4) -> Sample:
+        """The item's prepared sample (see :func:`prepare_sample`), computed and stored on first use."""
+        entry = self.root / self.key(item, config, diameter, min_cell_pixels)
         if not (entry / "meta.json").exists():
-            self._store(entry, load_sample(item, config))
+            self._store(entry, load_sample(item, config, diameter, min_cell_pixels))
         arrays = {n: np.load(entry / f"{n}.npy", mmap_mode="r") for n in self.ARRAYS if (entry / f"{n}.npy").exists()}
-        return Sample(item.name, item.modality, meta={"cache": str(entry)}, **arrays)
+        stored = json.loads((entry / "meta.json").read_text())
+        meta = {"cache": str(entry), "diameter": stored.get("diameter"), "scale": stored.get("scale", 1.0)}
+        return Sample(item.name, item.modality, meta=meta, **arrays)
 
     def _store(self, entry: Path, sample: Sample) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -256,7 +285,7 @@ class SampleCache:
                 array = getattr(sample, name)
                 if array is not None:
                     np.save(tmp / f"{name}.npy", array)
-            (tmp / "meta.json").write_text(json.dumps({"name": sample.name, "modality": sample.modality}))
+            (tmp / "meta.json").write_text(json.dumps({"name": sample.name, "modality": sample.modality, **sample.meta}))
             try:
                 os.rename(tmp, entry)
             except OSError:  # another process stored the same entry first: theirs is identical

@@ -26,6 +26,7 @@ import math
 from typing import Callable, Sequence
 
 import numpy as np
+from skimage.segmentation import clear_border
 from skimage.transform import resize
 
 from cellnest.io import read_labels
@@ -48,6 +49,13 @@ def median_diameter(labels: np.ndarray) -> float | None:
     return float(np.median(diameters)) if diameters.size else None
 
 
+def interior_median_diameter(labels: np.ndarray) -> float | None:
+    """Median diameter of the cells not touching the image edge (cut cells read small);
+    of all cells when every cell touches it; None without cells."""
+    inner = median_diameter(clear_border(np.asarray(labels)))
+    return inner if inner is not None else median_diameter(labels)
+
+
 def training_diameter(label_paths: Sequence) -> float | None:
     """Median over label files of each file's median cell diameter; None without cells."""
     medians = [d for d in (median_diameter(read_labels(p)) for p in label_paths) if d is not None]
@@ -67,6 +75,37 @@ def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return resize(labels, shape, order=0, preserve_range=True, anti_aliasing=False).astype(labels.dtype, copy=False)
 
 
+def rescale_labels(labels: np.ndarray, factor: float, min_pixels: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Resize an (H, W) instance map by ``factor`` for training at another cell size.
+
+    Nearest-neighbour sampling copies ids, so no two cells merge and no id is invented;
+    a cell left with fewer than ``min_pixels`` pixels (shrinking) is removed, since a
+    network cannot be asked to find it.
+
+    Returns
+    -------
+    labels : (h, w) map of the input dtype (surviving cells keep their ids).
+    dropped : (h, w) bool, the pixels of removed cells (for the loss to ignore).
+    """
+    height, width = labels.shape
+    shape = (max(int(round(height * factor)), 1), max(int(round(width * factor)), 1))
+    resized = resize_labels(labels, shape) if shape != labels.shape else np.array(labels, copy=True)
+    areas = np.bincount(resized.ravel().astype(np.int64, copy=False))
+    small = np.flatnonzero((areas > 0) & (areas < min_pixels))
+    small = small[small > 0]
+    dropped = np.isin(resized, small) if small.size else np.zeros(shape, bool)
+    resized[dropped] = 0
+    return resized, dropped
+
+
+def training_scale(label_diameter: float | None, target_diameter: float | None) -> float:
+    """Factor that brings an image's median cell diameter to ``target_diameter``: 1 without a
+    target (native scale) or without cells, else clipped to [1/4, 4] like inference."""
+    if target_diameter is None or label_diameter is None:
+        return 1.0
+    return scale_for(target_diameter, label_diameter)
+
+
 def scale_for(model_diameter: float, diameter: float) -> float:
     """The factor that brings cells of ``diameter`` pixels to ``model_diameter``, clipped to [1/4, 4]."""
     if not (diameter > 0 and model_diameter > 0):
@@ -74,39 +113,69 @@ def scale_for(model_diameter: float, diameter: float) -> float:
     return float(min(max(model_diameter / diameter, MIN_SCALE), MAX_SCALE))
 
 
-def segment_at_diameter(
-    segment: Callable[[np.ndarray], np.ndarray],
+def window_slices(shape: tuple[int, int], side: int, count: int = 1) -> list[tuple[slice, slice]]:
+    """Up to ``count`` square windows of ``side`` pixels (clipped to the image), spread
+    over an image of ``shape``: the centre first, then the centres of the quadrants."""
+    height, width = shape
+    h, w = min(side, height), min(side, width)
+    centres = [(0.5, 0.5), (0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75)][:max(count, 1)]
+    out, seen = [], set()
+    for fy, fx in centres:
+        top = int(min(max(round(fy * height - h / 2), 0), height - h))
+        left = int(min(max(round(fx * width - w / 2), 0), width - w))
+        if (top, left) not in seen:
+            seen.add((top, left))
+            out.append((slice(top, top + h), slice(left, left + w)))
+    return out
+
+
+def search_diameter(
+    segment_window: Callable[[np.ndarray, float], np.ndarray],
     image: np.ndarray,
     model_diameter: float,
-    diameter: float | str,
-    tolerance: float = TOLERANCE,
-) -> tuple[np.ndarray, float]:
-    """Segment ``image`` (H, W, C) with its cells brought to ``model_diameter``.
+    candidates: Sequence[float] | None = None,
+    window: int = 256,
+    min_cells: int = 3,
+) -> float | None:
+    """Multi-scale search: the cell diameter at which the model finds cells of its training size.
+
+    For each candidate diameter ``c`` (default: octaves from ``model_diameter / 4`` to
+    ``model_diameter * 4``), a window of the image is rescaled by ``s = model_diameter / c``
+    so that it is ``window`` pixels across at the model's scale, and segmented. The
+    candidate whose found cells' median diameter (model pixels) lies closest to
+    ``model_diameter`` in log scale wins (ties: more cells), among those with at least
+    ``min_cells`` cells not touching the window's edge; the estimate is that median
+    divided by ``s``.
 
     Parameters
     ----------
-    segment : (h, w, C) image -> (h, w) int instance map.
-    diameter : the cells' typical diameter in ``image`` (pixels), or "auto" to measure
-        it from a first pass at scale 1.
+    segment_window : (h, w, C) raw crop and a scale factor -> instance map of the crop
+        rescaled by that factor.
+    image : (H, W, C) raw image.
 
     Returns
     -------
-    (H, W) instance map of ``segment``'s dtype, and the scale factor used (1.0 = none).
+    The estimated median cell diameter in ``image`` pixels, or None if no scale finds cells.
     """
-    if diameter == "auto":
-        first = segment(image)
-        found = median_diameter(first)
-        if found is None:
-            return first, 1.0  # no cells found: nothing to measure the scale on
-        scale = scale_for(model_diameter, found)
-        if 1 / tolerance <= scale <= tolerance:
-            return first, 1.0
-    else:
-        scale = scale_for(model_diameter, float(diameter))
-    if image.shape[0] * image.shape[1] * scale**2 > MAX_RESCALED_PIXELS:
-        raise ValueError(
-            f"rescaling this {image.shape[1]}x{image.shape[0]} image by {scale:.2f} for the cell diameter would exceed "
-            f"{MAX_RESCALED_PIXELS // 10**6} MP; segment it without --diameter or in crops"
-        )
-    labels = segment(rescale_image(image, scale))
-    return resize_labels(labels, image.shape[:2]), scale
+    if candidates is None:
+        candidates = [model_diameter * 2.0**k for k in (-2, -1, 0, 1, 2)]
+    best: tuple[float, int, float] | None = None  # (log distance, -cells, estimate)
+    for candidate in candidates:
+        scale = scale_for(model_diameter, candidate)
+        rows, cols = window_slices(image.shape[:2], max(int(round(window / scale)), 8))[0]
+        labels = segment_window(image[rows, cols], scale)
+        diameters = cell_diameters(clear_border(np.asarray(labels)))  # cells cut by the window would read small
+        if diameters.size < min_cells:
+            continue
+        found = float(np.median(diameters))
+        key = (abs(math.log2(found / model_diameter)), -int(diameters.size), found / scale)
+        if best is None or key[:2] < best[:2]:
+            best = key
+    return None if best is None else best[2]
+
+
+def log2_error(estimate: float | None, truth: float) -> float:
+    """``|log2(estimate / truth)|``; a missing estimate counts as off by the full 4x clip (2 octaves)."""
+    if estimate is None or not estimate > 0:
+        return 2.0
+    return abs(math.log2(estimate / truth))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +34,12 @@ import torch.nn as nn
 
 from cellnest.blocks import segment_in_blocks
 from cellnest.classical import ClassicalConfig, segment_normalized_classical
-from cellnest.diameter import segment_at_diameter
+from cellnest.diameter import TOLERANCE, interior_median_diameter, rescale_image, resize_labels, scale_for, search_diameter
 from cellnest.io import atomic_write
 from cellnest.normalize import apply_image_percentiles, image_percentiles
 from cellnest.postprocess import PostprocessConfig, probabilities_to_instances
 from cellnest.predict import Predictor, PredictorConfig
+from cellnest.sizemodel import SizeModel, estimate_diameter
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ MODEL_FORMAT = "cellnest-model"
 MODEL_VERSION = 1
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 DEFAULT_MODEL = "attn-unetpp"  # the shipped model with the better tuning F1 (docs/models.md)
+ESTIMATORS = ("size_model", "search")
 
 
 class ModelFileError(ValueError):
@@ -55,17 +58,38 @@ class ModelFileError(ValueError):
         self.problem = problem
 
 
+@dataclass(frozen=True)
+class SizeInfo:
+    """How an image was sized: the cell diameter used (image pixels; None = native scale)
+    and the factor the image was resized by before the network (1 = none)."""
+
+    diameter: float | None = None
+    scale: float = 1.0
+
+
 @dataclass
 class Segmenter:
-    """Base: normalisation with whole-image percentiles, and the large-image block path.
+    """Base: cell-size rescaling, normalisation with whole-image percentiles, and the
+    large-image block path.
 
     Subclasses implement :meth:`segment_normalized` on a normalised (h, w, C) float32
     image in [0, 1].
 
-    cell_diameter : the model's typical training cell diameter (pixels), or None.
-    diameter : None (segment as is), the cells' typical diameter in the user's images
-        (pixels), or "auto"; the image is rescaled to ``cell_diameter`` first
-        (:mod:`cellnest.diameter`).
+    cell_diameter : the model's training cell diameter (pixels), or None.
+    diameter : None (segment at the image's own scale), the cells' typical diameter in the
+        user's images (pixels), or "auto" (estimated per image). The image is resized by
+        ``cell_diameter / diameter`` (clipped to [1/4, 4]) and the labels come back at its
+        own size (:mod:`cellnest.diameter`).
+    estimator : how "auto" estimates: ``"size_model"`` (the network's features, if the
+        model file has a size model; :mod:`cellnest.sizemodel`) or ``"search"`` (the model on
+        a pyramid of one window; :func:`cellnest.diameter.search_diameter`). Either way
+        the estimate is then checked on the cells found at that scale, and the image is
+        segmented once more if they are off by more than ``tolerance``.
+
+    Images whose rescaled size exceeds ``max_whole_pixels`` go block by block: blocks of
+    ``block`` pixels at the model's scale (``block / scale`` image pixels when enlarging)
+    with a margin of ``margin`` image pixels or four model cell diameters, whichever is
+    larger; each block is resized on its own, so memory stays bounded.
     """
 
     name: str = "segmenter"
@@ -76,8 +100,12 @@ class Segmenter:
     margin: int = 128
     cell_diameter: float | None = None
     diameter: float | str | None = None
+    estimator: str = "search"
+    tolerance: float = TOLERANCE
 
     def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.diameter is None:
             return
         if self.cell_diameter is None:
@@ -90,18 +118,52 @@ class Segmenter:
 
     def __call__(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
         """(H, W, C) raw image -> (H, W) int32 instance map."""
+        return self.run(image, progress)[0]
+
+    def run(self, image: np.ndarray, progress: bool = False) -> tuple[np.ndarray, SizeInfo]:
+        """(H, W, C) raw image -> (H, W) int32 instance map and how it was sized."""
         if image.ndim != 3:
             raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
-        if self.diameter is None:
-            return self._segment(image, progress)
-        labels, _ = segment_at_diameter(lambda im: self._segment(im, progress), image, self.cell_diameter, self.diameter)
-        return labels
-
-    def _segment(self, image: np.ndarray, progress: bool) -> np.ndarray:
         bounds = image_percentiles(image, self.lower_percentile, self.upper_percentile)
-        if image.shape[0] * image.shape[1] <= self.max_whole_pixels:
-            return np.asarray(self.segment_normalized(apply_image_percentiles(image, bounds)), np.int32)
-        return segment_in_blocks(image, bounds, self.segment_normalized, self.block, self.margin, progress)
+        if self.diameter is None:
+            return self.segment_at(image, bounds, 1.0, progress), SizeInfo()
+        if self.diameter != "auto":
+            scale = scale_for(self.cell_diameter, float(self.diameter))
+            return self.segment_at(image, bounds, scale, progress), SizeInfo(float(self.diameter), scale)
+        estimate = self.estimate_diameter(image, bounds)
+        if estimate is None:  # nothing found at any scale: segment as is
+            return self.segment_at(image, bounds, 1.0, progress), SizeInfo()
+        scale = scale_for(self.cell_diameter, estimate)
+        labels = self.segment_at(image, bounds, scale, progress)
+        found = interior_median_diameter(labels)
+        if found is None or abs(math.log2(found / estimate)) <= math.log2(self.tolerance):
+            return labels, SizeInfo(estimate, scale)
+        rescale = scale_for(self.cell_diameter, found)  # the cells found disagree: trust them, once
+        return self.segment_at(image, bounds, rescale, progress), SizeInfo(found, rescale)
+
+    def estimate_diameter(self, image: np.ndarray, bounds) -> float | None:
+        """Median cell diameter of a raw image in its own pixels (the ``search`` estimator)."""
+        return search_diameter(lambda crop, scale: self.segment_window(crop, bounds, scale), image, self.cell_diameter)
+
+    def segment_window(self, crop: np.ndarray, bounds, scale: float) -> np.ndarray:
+        """A raw (h, w, C) crop, normalised with the whole image's ``bounds`` and resized by
+        ``scale`` -> instance map at the resized size."""
+        normalised = apply_image_percentiles(crop, bounds)
+        return np.asarray(self.segment_normalized(rescale_image(normalised, scale) if scale != 1.0 else normalised))
+
+    def segment_at(self, image: np.ndarray, bounds, scale: float, progress: bool = False) -> np.ndarray:
+        """Segment a raw (H, W, C) image resized by ``scale``; labels at (H, W), int32."""
+        def segment_block(normalised: np.ndarray) -> np.ndarray:
+            if scale == 1.0:
+                return np.asarray(self.segment_normalized(normalised))
+            return resize_labels(np.asarray(self.segment_normalized(rescale_image(normalised, scale))), normalised.shape[:2])
+
+        height, width = image.shape[:2]
+        if height * width * scale**2 <= self.max_whole_pixels:
+            return np.asarray(segment_block(apply_image_percentiles(image, bounds)), np.int32)
+        block = max(int(self.block / max(scale, 1.0)), 64)
+        margin = max(self.margin, int(math.ceil(4 * self.cell_diameter / scale))) if self.cell_diameter else self.margin
+        return segment_in_blocks(image, bounds, segment_block, block, margin, progress)
 
 
 @dataclass
@@ -122,6 +184,13 @@ class NetworkSegmenter(Segmenter):
     name: str = "network"
     predictor: Predictor | None = None
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    size_model: SizeModel | None = None
+
+    def estimate_diameter(self, image: np.ndarray, bounds) -> float | None:
+        """The size model's estimate when there is one and it is chosen, else the search."""
+        if self.estimator == "size_model" and self.size_model is not None:
+            return estimate_diameter(self.predictor.models[0], self.size_model, image, bounds, device=self.predictor.device)
+        return super().estimate_diameter(image, bounds)
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """Normalised (h, w, C) float32 -> (K, h, w) float32 class probabilities."""
@@ -241,6 +310,7 @@ def load_segmenter(
     device: str = "auto",
     predictor: dict | None = None,
     diameter: float | str | None = None,
+    estimator: str | None = None,
 ) -> Segmenter:
     """Build a segmenter from model names or files.
 
@@ -250,8 +320,11 @@ def load_segmenter(
         are averaged; normalisation, predictor and post-processing come from the first).
     device : "auto", "cpu", "cuda", ...
     predictor : overrides of the stored :class:`PredictorConfig` (e.g. ``{"tta": True}``).
-    diameter : rescale images to the model's training cell size: the cells' diameter in
-        pixels, or "auto" (see :mod:`cellnest.diameter`); None keeps the image as is.
+    diameter : the cells' diameter in pixels, "auto" (estimated per image) or "native"
+        (no rescaling); None = the model's default: "auto" for a model trained at one cell
+        size (``meta.size_normalised``), else "native". See :class:`Segmenter`.
+    estimator : "size_model" or "search" for "auto"; None = the size model where the model
+        file has one, else the search.
 
     Raises
     ------
@@ -262,7 +335,7 @@ def load_segmenter(
     if any(p is None for p in paths):
         if len(paths) > 1:
             raise ValueError("the classical baseline cannot be part of an ensemble")
-        return ClassicalSegmenter(diameter=diameter)
+        return ClassicalSegmenter(diameter=None if diameter in (None, "native") else diameter)
     bundles = [read_model_file(p) for p in paths]
     networks = [build_network(b, p) for b, p in zip(bundles, paths)]
     first = bundles[0]
@@ -274,13 +347,19 @@ def load_segmenter(
         raise ValueError(f"ensemble members normalise differently (percentiles {sorted(percentiles, key=str)}); they cannot share one input")
     predictor_config = PredictorConfig.from_dict({**first["predictor"], **(predictor or {})})
     targets = first.get("targets", {})
+    meta = first.get("meta", {})
     name = "+".join(Path(s).stem if s not in shipped_models() else s for s in specs)
+    if diameter is None:
+        diameter = "auto" if meta.get("size_normalised") else "native"
+    size_model = SizeModel.from_dict(first["size_model"]) if first.get("size_model") else None
     return NetworkSegmenter(
         name=name,
         lower_percentile=targets.get("lower_percentile", 1.0),
         upper_percentile=targets.get("upper_percentile", 99.0),
         predictor=Predictor(networks, predictor_config, device),
         postprocess=PostprocessConfig.from_dict(first["postprocess"]),
-        cell_diameter=first.get("meta", {}).get("cell_diameter"),
-        diameter=diameter,
+        cell_diameter=meta.get("cell_diameter"),
+        diameter=None if diameter == "native" else diameter,
+        estimator=estimator or ("size_model" if size_model is not None else "search"),
+        size_model=size_model,
     )

@@ -29,6 +29,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from skimage.transform import resize
 from torch.utils.data import Dataset, Sampler
 
 from cellnest.augment import Augmentation
@@ -52,6 +53,10 @@ class PatchDataset(Dataset):
         position is uniform. Images without foreground always get a uniform crop.
     augment : applied as ``augment(item, seed=derived)`` after cropping, or None.
     image_weights : relative probability of each sample (default: uniform).
+    scale_jitter : octaves; each patch draws ``f = 2 ** U(-scale_jitter, scale_jitter)``,
+        crops a window of side ``round(P / f)`` and resizes it to P (image and weights
+        linearly, anti-aliased when shrinking; classes by nearest neighbour), so cells
+        appear ``f`` times their sample size. 0 crops P directly.
 
     Images smaller than P are padded to P at a random offset: image with 0, classes with 0
     (background), weights with 1.0, so the padding is learnt as empty background. (At
@@ -71,6 +76,7 @@ class PatchDataset(Dataset):
         foreground_fraction: float = 0.33,
         augment: Augmentation | None = None,
         image_weights: Sequence[float] | None = None,
+        scale_jitter: float = 0.0,
     ):
         if not samples:
             raise ValueError("PatchDataset needs at least one sample")
@@ -86,6 +92,9 @@ class PatchDataset(Dataset):
         self.seed = int(seed)
         self.foreground_fraction = float(foreground_fraction)
         self.augment = augment
+        if not 0.0 <= scale_jitter <= 2.0:
+            raise ValueError(f"scale_jitter must be in [0, 2] octaves, got {scale_jitter}")
+        self.scale_jitter = float(scale_jitter)
         self.probabilities = _probabilities(image_weights, len(self.samples))
         # Flat indices of (a strided subset of) each image's foreground pixels, computed once
         # here so that worker processes share them instead of each scanning every image.
@@ -109,21 +118,26 @@ class PatchDataset(Dataset):
             which = int(rng.choice(len(self.samples), p=self.probabilities))
         sample = self.samples[which]
         height, width = sample.classes.shape
+        window = self.patch_size  # side of the crop in sample pixels
+        if self.scale_jitter > 0:
+            window = max(int(round(self.patch_size / 2.0 ** rng.uniform(-self.scale_jitter, self.scale_jitter))), 8)
         centre = None
         if self.foreground is not None and rng.random() < self.foreground_fraction and self.foreground[which].size:
             flat = self.foreground[which][rng.integers(self.foreground[which].size)]
             centre = divmod(int(flat), width)
-        top = _start(rng, height, self.patch_size, None if centre is None else centre[0])
-        left = _start(rng, width, self.patch_size, None if centre is None else centre[1])
+        top = _start(rng, height, window, None if centre is None else centre[0])
+        left = _start(rng, width, window, None if centre is None else centre[1])
         item = {
-            "image": _crop(sample.image, top, left, self.patch_size, 0.0, np.float32),
-            "classes": _crop(sample.classes, top, left, self.patch_size, 0, np.int64),
+            "image": _crop(sample.image, top, left, window, 0.0, np.float32),
+            "classes": _crop(sample.classes, top, left, window, 0, np.int64),
             "weights": (
-                _crop(sample.weights, top, left, self.patch_size, 1.0, np.float32)
+                _crop(sample.weights, top, left, window, 1.0, np.float32)
                 if sample.weights is not None
-                else np.ones((self.patch_size, self.patch_size), np.float32)
+                else np.ones((window, window), np.float32)
             ),
         }
+        if window != self.patch_size:
+            item = _resize_patch(item, self.patch_size)
         augment_seed = int(rng.integers(2**32))  # drawn even without augmentation: same stream either way
         if self.augment is not None:
             item = self.augment(item, seed=augment_seed)
@@ -199,6 +213,18 @@ def _crop(array: np.ndarray, top: int, left: int, patch: int, fill: float, dtype
     x0, x1 = max(left, 0), min(left + patch, width)
     out[..., y0 - top : y1 - top, x0 - left : x1 - left] = array[..., y0:y1, x0:x1]
     return out
+
+
+def _resize_patch(item: dict, size: int) -> dict:
+    """Resize a square crop's arrays to ``size``: image (C, w, w) and weights linearly
+    (anti-aliased when shrinking), classes by nearest neighbour so they stay in {0, 1, 2}."""
+    shrink = item["classes"].shape[0] > size
+    image = resize(item["image"], (item["image"].shape[0], size, size), order=1, preserve_range=True, anti_aliasing=shrink)
+    return {
+        "image": image.astype(np.float32, copy=False),
+        "classes": resize(item["classes"], (size, size), order=0, preserve_range=True, anti_aliasing=False).astype(np.int64),
+        "weights": resize(item["weights"], (size, size), order=1, preserve_range=True, anti_aliasing=False).astype(np.float32),
+    }
 
 
 class ResumableSampler(Sampler[int]):

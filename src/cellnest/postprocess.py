@@ -397,6 +397,7 @@ def tune_postprocess(
     truths: Sequence[np.ndarray],
     base: PostprocessConfig = PostprocessConfig(),
     grid: Mapping[str, Sequence] | None = None,
+    groups: Sequence[str] | None = None,
 ) -> tuple[PostprocessConfig, float]:
     """Grid search of post-processing settings for the best mean challenge F1.
 
@@ -412,6 +413,8 @@ def tune_postprocess(
     base : the settings not in ``grid``.
     grid : ``{field: candidate values}``, e.g. ``{"seed_threshold": [0.4, 0.5, 0.6]}``;
         empty or None scores ``base`` alone.
+    groups : one group (modality) per image: the score is then the mean over groups of
+        each group's mean F1, so every modality counts once.
 
     Returns
     -------
@@ -437,11 +440,15 @@ def tune_postprocess(
         if p.shape[1:] != t.shape:
             raise ValueError(f"image {i}: probs shape {p.shape} does not match ground truth shape {t.shape}")
 
+    keys_of = np.asarray(groups if groups is not None else [""] * len(truths), dtype=str)
+    if keys_of.shape != (len(truths),):
+        raise ValueError(f"got {len(truths)} images but {keys_of.size} groups")
     best: tuple[PostprocessConfig, float] | None = None
     keys = list(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
         config = replace(base, **dict(zip(keys, values)))
-        f1 = float(np.mean([score_image(t, _decode(p, config)).f1 for p, t in zip(checked, truths)]))  # checked once above
+        f1s = np.array([score_image(t, _decode(p, config)).f1 for p, t in zip(checked, truths)])  # checked once above
+        f1 = float(np.mean([f1s[keys_of == g].mean() for g in np.unique(keys_of)]))
         log.debug("tune_postprocess %s -> mean F1 %.4f", dict(zip(keys, values)), f1)
         if best is None or f1 > best[1]:
             best = (config, f1)

@@ -136,8 +136,17 @@ class DataConfig:
     foreground_fraction: float = 0.33
     modality_balance: float = 0.0
     num_workers: int | str = "auto"
+    diameter: float | None = None
+    scale_jitter: float = 0.0
+    min_cell_pixels: int = 4
 
     def __post_init__(self) -> None:
+        _require(self.diameter is None or (_is_number(self.diameter) and 4 <= self.diameter <= 256),
+                 f"diameter must be null or a number of pixels in [4, 256], got {self.diameter!r}")
+        _require(_is_number(self.scale_jitter) and 0 <= self.scale_jitter <= 2,
+                 f"scale_jitter must be in [0, 2] octaves, got {self.scale_jitter!r}")
+        _require(isinstance(self.min_cell_pixels, int) and self.min_cell_pixels >= 1,
+                 f"min_cell_pixels must be an integer >= 1, got {self.min_cell_pixels!r}")
         _require(isinstance(self.patch_size, int) and self.patch_size >= 16, f"patch_size must be an integer >= 16, got {self.patch_size!r}")
         _require(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         _require(self.patches_per_epoch is None or (isinstance(self.patches_per_epoch, int) and self.patches_per_epoch >= 1),
@@ -163,6 +172,9 @@ class TrainConfig:
     tune_postprocess : choose post-processing on the validation set at the end: each of
         ``tune_methods`` with its threshold grid (cellnest.validate.TUNE_GRIDS); the best
         method and thresholds are stored in model.pt.
+    select_by : what "best" means for the kept model and the tuned post-processing:
+        ``"modality_mean"`` (mean over modalities of their mean F1, so a validation set of
+        mostly nuclei does not decide alone) or ``"image_mean"`` (the challenge's figure).
     """
 
     epochs: int = 100
@@ -177,10 +189,12 @@ class TrainConfig:
     grad_clip: float | None = 12.0
     tune_postprocess: bool = True
     tune_methods: tuple[str, ...] = ("components", "closing", "watershed")
+    select_by: str = "modality_mean"
 
     def __post_init__(self) -> None:
         from cellnest.postprocess import METHODS
 
+        _require(self.select_by in ("modality_mean", "image_mean"), f"select_by must be 'modality_mean' or 'image_mean', got {self.select_by!r}")
         for name in ("epochs", "val_every"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")

@@ -40,6 +40,8 @@ class ImageResult:
     name: str
     cells: int = 0
     seconds: float = 0.0
+    diameter: str = ""  # cell diameter used (image pixels): given, or estimated with --diameter auto
+    scale: str = ""  # factor the image was resized by for the model
     output: str = ""
     error: str = ""
 
@@ -164,7 +166,9 @@ def _segment_one(
         claimed[path.stem] = path
         start = time.perf_counter()
         image = read_image(path, dtype=None)  # native dtype: a large uint8 image stays small
-        labels = segmenter(image, progress=progress)
+        labels, size = segmenter.run(image, progress=progress)
+        result.diameter = f"{size.diameter:.1f}" if size.diameter is not None else ""
+        result.scale = f"{size.scale:.3f}"
         write_labels(target, labels)
         if outputs.overlay:
             write_png(extras[0], overlay_outlines(image, labels))

@@ -240,7 +240,7 @@ def ship_model(
 
     window = PredictorConfig.from_dict({**bundle["predictor"], **(predictor or {})}).to_dict()
     meta = {**bundle.get("meta", {}), "shipped_name": name}
-    if diameter is not None:
+    if diameter is not None and not meta.get("size_normalised"):  # a size-normalised model keeps its training diameter
         meta["cell_diameter"] = round(diameter, 2)
     shipped = {**bundle, "predictor": window, "meta": meta, "state_dict": half_state(bundle["state_dict"])}
     out_dir.mkdir(parents=True, exist_ok=True)

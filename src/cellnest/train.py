@@ -212,8 +212,10 @@ def loader_workers(num_workers: int | str, device: torch.device, local_processes
 
 
 def load_samples(items: Sequence[Item], recipe: Recipe, cache: SampleCache, progress: bool) -> list[Sample]:
-    """Prepared arrays of every item, from the content-keyed cache."""
-    return [cache.load(item, recipe.targets) for item in tqdm(items, desc="prepare", unit="img", disable=not progress)]
+    """Prepared arrays of every item (at the recipe's cell size), from the content-keyed cache."""
+    d = recipe.data
+    return [cache.load(item, recipe.targets, d.diameter, d.min_cell_pixels)
+            for item in tqdm(items, desc="prepare", unit="img", disable=not progress)]
 
 
 class Trainer:
@@ -288,6 +290,7 @@ class Trainer:
             seed=recipe.train.seed,
             foreground_fraction=recipe.data.foreground_fraction,
             augment=build_augmentation(recipe.augment),
+            scale_jitter=recipe.data.scale_jitter,
             image_weights=modality_weights([s.modality for s in self.train_samples], recipe.data.modality_balance),
         )
         self.state = State()
@@ -377,8 +380,8 @@ class Trainer:
                 result = validate(self.model, samples, self.predictor_config, self.recipe.postprocess, self.device)
                 row.update({f"f1_{m}": round(s["mean_f1"], 5) for m, s in result.summary.items()})
                 log.info("epoch %d step %d: loss %.4f, validation F1 %s", self.state.epoch, self.state.step, loss, summary_line(result.summary))
-                if result.mean_f1 > self.state.best_f1:
-                    self.state.best_f1, self.state.best_epoch = result.mean_f1, self.state.epoch
+                if result.score(self.recipe.train.select_by) > self.state.best_f1:
+                    self.state.best_f1, self.state.best_epoch = result.score(self.recipe.train.select_by), self.state.epoch
                     self.save_model(self.recipe.postprocess, result)
                     write_scores_csv(self.out / "val_scores.csv", result.scores)
             else:
@@ -397,6 +400,8 @@ class Trainer:
             "host": cpu_name(), "torch": str(torch.__version__),
             "validation": result.summary if result else {}, **self.provenance,
         }
+        if self.recipe.data.diameter is not None:  # trained at one cell size: inference rescales to it
+            meta.update(cell_diameter=float(self.recipe.data.diameter), size_normalised=True)
         save_model(self.out / "model.pt", self.model, {"name": m.name, "cfg": dict(m.cfg), "in_channels": 3, "out_channels": 3},
                    asdict(self.recipe.targets), self.recipe.predictor, postprocess, meta)
 
@@ -479,18 +484,21 @@ class Trainer:
 
             bundle = read_model_file(self.out / "model.pt")
             result = validate(build_network(bundle), samples, self.predictor_config, self.recipe.postprocess, self.device, keep_probabilities=True)
-            tuned, tuned_f1, per_method = tune_thresholds(result.probabilities, samples, self.recipe.postprocess, self.recipe.train.tune_methods)
+            select_by = self.recipe.train.select_by
+            untuned = result.score(select_by)
+            tuned, tuned_f1, per_method = tune_thresholds(result.probabilities, samples, self.recipe.postprocess,
+                                                          self.recipe.train.tune_methods, select_by)
             methods = ", ".join(f"{m} {f:.4f}" for m, f in per_method.items())
-            if tuned_f1 > result.mean_f1:
+            if tuned_f1 > untuned:
                 bundle["postprocess"] = tuned.to_dict()
-                bundle["meta"].update({"postprocess_tuned_f1": round(tuned_f1, 5), "postprocess_untuned_f1": round(result.mean_f1, 5),
-                                       "postprocess_methods_f1": per_method})
+                bundle["meta"].update({"postprocess_tuned_f1": round(tuned_f1, 5), "postprocess_untuned_f1": round(untuned, 5),
+                                       "postprocess_methods_f1": per_method, "postprocess_select_by": select_by})
                 write_model_file(self.out / "model.pt", bundle)
-                tuned_note = (f"Post-processing tuned on the validation images: mean F1 {result.mean_f1:.4f} with the recipe's "
+                tuned_note = (f"Post-processing tuned on the validation images ({select_by} F1): {untuned:.4f} with the recipe's "
                               f"{self.recipe.postprocess.method} -> {tuned_f1:.4f} with {tuned.method} ({tuned.to_dict()}). "
                               f"Best mean F1 per method: {methods}.")
             else:
-                tuned_note = f"Tuning found nothing better than the recipe's post-processing (mean F1 {result.mean_f1:.4f}; per method: {methods})."
+                tuned_note = f"Tuning found nothing better than the recipe's post-processing ({select_by} F1 {untuned:.4f}; per method: {methods})."
         write_report(self.out, self.recipe, self.state, self.budget, tuned_note)
 
 
@@ -525,7 +533,7 @@ def write_report(out: Path, recipe: Recipe, state: State, budget: Budget, note: 
     lines = [f"# Training report: {recipe.name}", "", recipe.description, "",
              f"- stopped at epoch {state.epoch}, step {state.step}, after {state.seconds / 60:.1f} min of training",
              f"- budget: epochs {budget.epochs or recipe.train.epochs}, steps {budget.steps}, seconds {budget.seconds}",
-             f"- best validation mean F1 {state.best_f1:.4f} at epoch {state.best_epoch}" if state.best_f1 >= 0 else "- no validation data",
+             f"- best validation F1 ({recipe.train.select_by}) {state.best_f1:.4f} at epoch {state.best_epoch}" if state.best_f1 >= 0 else "- no validation data",
              f"- torch {torch.__version__} on {cpu_name()}", ""]
     if (out / "model.pt").exists():
         meta = read_model_file(out / "model.pt")["meta"]

@@ -17,7 +17,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from cellnest.data import Sample
-from cellnest.metrics import ImageScore, score_image, summarize
+from cellnest.metrics import ImageScore, modality_mean, score_image, summarize
 from cellnest.postprocess import PostprocessConfig, probabilities_to_instances, tune_postprocess
 from cellnest.predict import Predictor, PredictorConfig
 
@@ -39,7 +39,17 @@ class Validation:
 
     @property
     def mean_f1(self) -> float:
+        """Mean F1 over images (the challenge's figure)."""
         return self.summary["all"]["mean_f1"] if self.summary else 0.0
+
+    @property
+    def modality_mean_f1(self) -> float:
+        """Mean over modalities of their mean F1 (every modality counts once)."""
+        return modality_mean(self.summary)
+
+    def score(self, select_by: str) -> float:
+        """The selection score: ``"modality_mean"`` or ``"image_mean"``."""
+        return self.modality_mean_f1 if select_by == "modality_mean" else self.mean_f1
 
 
 def validate(
@@ -74,17 +84,20 @@ def tune_thresholds(
     samples: Sequence[Sample],
     base: PostprocessConfig,
     methods: Sequence[str] = tuple(TUNE_GRIDS),
+    select_by: str = "modality_mean",
 ) -> tuple[PostprocessConfig, float, dict[str, float]]:
     """Best post-processing method and thresholds on validation probabilities.
 
     Each method in ``methods`` starts from ``base`` (its other fields kept) and tries its
-    grid in :data:`TUNE_GRIDS`. Returns the best config, its mean F1, and the best mean F1
-    of every method (for the report).
+    grid in :data:`TUNE_GRIDS`, scored by ``select_by`` (``"modality_mean"``: the mean of
+    per-modality mean F1s; ``"image_mean"``). Returns the best config, its score, and the
+    best score of every method (for the report).
     """
     truths = [np.asarray(s.labels) for s in samples]
+    groups = [s.modality for s in samples] if select_by == "modality_mean" else None
     best, best_f1, per_method = base, -1.0, {}
     for method in methods:
-        config, f1 = tune_postprocess(probabilities, truths, replace(base, method=method), TUNE_GRIDS.get(method, {}))
+        config, f1 = tune_postprocess(probabilities, truths, replace(base, method=method), TUNE_GRIDS.get(method, {}), groups)
         per_method[method] = f1
         if f1 > best_f1:
             best, best_f1 = config, f1
