@@ -29,6 +29,7 @@ import torch
 
 from cellnest.data import load_folder
 from cellnest.diameter import training_diameter
+from cellnest.sizemodel import with_size_model
 from cellnest.evaluate import score_segmenter
 from cellnest.hardware import cpu_name
 from cellnest.io import atomic_write
@@ -243,6 +244,8 @@ def ship_model(
     if diameter is not None and not meta.get("size_normalised"):  # a size-normalised model keeps its training diameter
         meta["cell_diameter"] = round(diameter, 2)
     shipped = {**bundle, "predictor": window, "meta": meta, "state_dict": half_state(bundle["state_dict"])}
+    if meta.get("size_normalised") and not bundle.get("size_model") and trained_on:
+        shipped = with_size_model(shipped, trained_on, progress=progress)  # --diameter auto's estimator
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = write_model_file(target, shipped)
     try:

@@ -610,11 +610,24 @@ def train_from_folders(
         if resume and (run_dir / "checkpoint.pt").exists():
             trainer.resume()
         results[name or "run"] = trainer.fit()
+        if recipe.data.diameter is not None and distributed_env()[0] == 0:
+            add_size_model(run_dir / "model.pt", train_items, trainer.device, progress)
     if folds is not None and len(folds) > 1 and distributed_env()[0] == 0:
         write_fold_summary(out, results)
     if dist.is_initialized():
         dist.destroy_process_group()
     return results
+
+
+def add_size_model(path: Path, items: Sequence[Item], device: torch.device, progress: bool) -> None:
+    """Fit the size model of a model trained at one cell size on its training images, in
+    place (``--diameter auto`` estimates each image's cell size with it); once per file."""
+    from cellnest.models import write_model_file
+    from cellnest.sizemodel import with_size_model
+
+    bundle = read_model_file(path)
+    if not bundle.get("size_model"):
+        write_model_file(path, with_size_model(bundle, items, device, progress))
 
 
 def initial_weights(model: str, recipe: Recipe) -> dict[str, torch.Tensor]:
