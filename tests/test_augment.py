@@ -150,3 +150,17 @@ def test_output_does_not_depend_on_torch_thread_count():
     for one, two in zip(*outputs):
         for key in item:
             np.testing.assert_array_equal(one[key], two[key])
+
+
+def test_colour_grey_and_inversion():
+    item = blocky_item()
+    inverted = build_augmentation(replace(OFF, invert_prob=1.0))(item, seed=0)
+    assert np.allclose(inverted["image"], 1.0 - item["image"], atol=1e-6)
+    assert np.array_equal(inverted["classes"], item["classes"])  # labels never change with intensity
+    grey = build_augmentation(replace(OFF, grey_prob=1.0))(item, seed=0)["image"]
+    assert np.allclose(grey, item["image"].mean(axis=0, keepdims=True), atol=1e-6)
+    coloured = build_augmentation(replace(OFF, colour_prob=1.0, colour_range=(0.5, 0.9)))(item, seed=0)["image"]
+    gains = coloured[2] / item["image"][2]  # channel 2 is constant 0.5
+    assert np.allclose(gains, gains.flat[0]) and 0.5 <= gains.flat[0] <= 0.9
+    assert np.array_equal(build_augmentation(replace(OFF, colour_prob=1.0))(item, seed=4)["image"],
+                          build_augmentation(replace(OFF, colour_prob=1.0))(item, seed=4)["image"])

@@ -155,3 +155,20 @@ def test_modality_weights_share_patches_between_modalities():
         shares[balance] = w[-1] / w.sum()
     assert shares[1.0] == pytest.approx(0.5)  # each modality gets half the patches
     assert shares[0.5] == pytest.approx(1 / (1 + 9 / 3))  # 9 images at 1/3 each vs 1 at 1
+
+
+def test_scale_jitter_shows_cells_at_random_sizes(samples):
+    plain = PatchDataset(samples[:1], patch_size=48, length=4, seed=0, foreground_fraction=1.0)
+    jittered = PatchDataset(samples[:1], patch_size=48, length=64, seed=0, foreground_fraction=1.0, scale_jitter=1.0)
+    areas = []
+    for index in range(64):
+        patch = jittered[index]
+        assert patch["image"].shape == (3, 48, 48) and set(patch["classes"].unique().tolist()) <= {0, 1, 2}
+        assert torch.equal(patch["classes"], jittered[index]["classes"])  # still a pure function of the index
+        areas.append(float((patch["classes"] > 0).float().mean()))
+    # Zoomed in (f > 1) the patch is mostly cell, zoomed out mostly background: the spread of
+    # foreground fractions is far wider than without jitter.
+    plain_areas = [float((plain[i]["classes"] > 0).float().mean()) for i in range(4)]
+    assert np.ptp(areas) > 2 * np.ptp(plain_areas)
+    with pytest.raises(ValueError, match="scale_jitter"):
+        PatchDataset(samples, patch_size=48, length=4, scale_jitter=3.0)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -283,3 +284,30 @@ def test_boundary_width_round_trip():
     labels = synthetic_cells(SEPARATE, 2)[1]
     probs = probabilities_from_instances(labels, boundary_width=2)
     assert score_image(labels, probabilities_to_instances(probs)).f1_at[0.9] == 1.0
+
+
+def test_tune_postprocess_can_weigh_every_group_alike():
+    # Group "a" (3 images): 4 big cells and 8 specks the network invents; group "b" (1
+    # image): 4 small real cells. min_size 200 removes the specks and b's cells: image mean
+    # 0.75 against 0.625 for min_size 8, but mean over groups 0.5 against 0.75.
+    def disks(radius, centres):
+        labels = np.zeros((100, 100), np.int32)
+        for i, centre in enumerate(centres, 1):
+            labels[disk(labels.shape, centre, radius)] = i
+        return labels
+
+    big = disks(12, [(25, 25), (25, 75), (75, 25), (75, 75)])
+    specks = big.copy()
+    for i, (r, c) in enumerate([(50, 8 + 12 * k) for k in range(8)], start=5):
+        specks[r - 3:r + 4, c - 3:c + 4] = i
+    small = disks(5, [(25, 25), (25, 75), (75, 25), (75, 75)])
+    probs = [probabilities_from_instances(specks)] * 3 + [probabilities_from_instances(small)]
+    truths = [big] * 3 + [small]
+    grid = {"min_size": [8, 200]}
+    base = PostprocessConfig(method="components")
+    by_image, f1_image = tune_postprocess(probs, truths, base, grid)
+    by_group, f1_group = tune_postprocess(probs, truths, base, grid, groups=["a", "a", "a", "b"])
+    assert (by_image.min_size, f1_image) == (200, pytest.approx(0.75))
+    assert (by_group.min_size, f1_group) == (8, pytest.approx(0.75))
+    with pytest.raises(ValueError, match="groups"):
+        tune_postprocess(probs, truths, base, grid, groups=["a"])

@@ -65,10 +65,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from cellnest.data import SampleCache
+    from cellnest.plan import plan_overrides, read_plan
     from cellnest.recipe import load_recipe
     from cellnest.train import Budget, parse_duration, train_from_folders
 
-    recipe = load_recipe(args.recipe, args.set or [])
+    plan = read_plan(args.plan) if args.plan else None
+    recipe = load_recipe(args.recipe, (plan_overrides(plan) if plan else []) + (args.set or []))
     budget = Budget(args.epochs, args.steps, parse_duration(args.time_budget) if args.time_budget else None)
     folds = None
     if args.folds == "all":
@@ -77,11 +79,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         folds = [args.fold]
     cache = SampleCache(args.cache) if args.cache else SampleCache()
     results = train_from_folders(
-        recipe, args.data, args.out, args.val, folds, budget, args.device, args.resume, cache, not args.quiet, args.init
+        recipe, args.data, args.out, args.val, folds, budget, args.device, args.resume, cache, not args.quiet, args.init, plan
     )
     for name, state in results.items():
-        best = f"best validation mean F1 {state.best_f1:.4f} (epoch {state.best_epoch})" if state.best_f1 >= 0 else "no validation"
+        best = (f"best validation F1 ({recipe.train.select_by}) {state.best_f1:.4f} (epoch {state.best_epoch})"
+                if state.best_f1 >= 0 else "no validation")
         log.info("%s: %d epochs, %d steps, %.1f min; %s", name, state.epoch, state.step, state.seconds / 60, best)
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from cellnest.plan import fingerprint, format_plan, make_plan, write_plan
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ValueError(f"{out}: already exists; use --force to replace it or choose another --out")
+    plan = make_plan(fingerprint(args.data, progress=not args.quiet), args.device)
+    write_plan(plan, out)
+    print(format_plan(plan))
+    log.info("wrote %s; train with: cellnest train --plan %s ...", out, out)
     return 0
 
 
@@ -229,8 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, help="train one grouped cross-validation fold (0-based)")
     p.add_argument("--folds", choices=["all"], help="train every fold, then write folds.md")
     p.add_argument("--init", help="fine-tune: start from this model (shipped name, .pt or run folder) of the recipe's network")
+    p.add_argument("--plan", help="plan.yaml from `cellnest plan`: its cell diameter, patch and batch size (before --set)")
     _add_run_options(p, "")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("plan", help="measure a labelled folder (cell sizes, image sizes, intensities) and write a training plan")
+    p.add_argument("data", help="labelled folder (challenge layout)")
+    p.add_argument("--out", default="plan.yaml", help="plan file to write (default: plan.yaml; never overwritten without --force)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="size the batch for this device")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("selftrain", help="learn from unlabelled images: pseudo-label rounds or teacher-student consistency")
     p.add_argument("--recipe", required=True, help="recipe name or YAML file (its selftrain section sets the method)")

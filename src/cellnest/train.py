@@ -558,6 +558,7 @@ def train_from_folders(
     cache: SampleCache | None = None,
     progress: bool = True,
     init: str | None = None,
+    plan: dict | None = None,
 ) -> dict[str, State]:
     """Train on a labelled folder: against a validation folder, or on grouped folds.
 
@@ -571,6 +572,8 @@ def train_from_folders(
         held-out fold; ``val`` is then ignored).
     init : fine-tune: start from this model (shipped name, model file or run folder)
         instead of random weights; its network must be the recipe's.
+    plan : the :mod:`cellnest.plan` the recipe's values came from; written to each run
+        folder as ``plan.yaml`` and kept in ``model.pt``'s meta.
 
     Returns
     -------
@@ -582,6 +585,8 @@ def train_from_folders(
     cache = cache or SampleCache()
     init_weights = initial_weights(init, recipe) if init is not None else None
     provenance = {"val_data": str(val) if val is not None and folds is None else None, "init": init}
+    if plan is not None:
+        provenance["plan"] = {"data": plan["data"], "network": plan.get("network", {})}
     items = load_folder(data, require_labels=True)
     splits: dict[str, tuple[list[Item], list[Item]]] = {}
     if folds is not None:
@@ -602,6 +607,10 @@ def train_from_folders(
         if resume and not resuming and not name:
             raise RunFolderError(f"{run_dir}: nothing to resume (no checkpoint.pt)")
         prepare_run_folder(run_dir, resuming)
+        if plan is not None and distributed_env()[0] == 0:
+            from cellnest.plan import write_plan
+
+            write_plan(plan, run_dir / "plan.yaml")
         log.info("%s: %d training and %d validation images -> %s", name or "run", len(train_items), len(val_items), run_dir)
         train_samples = load_samples(train_items, recipe, cache, progress)
         val_samples = load_samples(val_items, recipe, cache, progress)
