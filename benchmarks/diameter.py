@@ -3,7 +3,7 @@
     python benchmarks/diameter.py --model attn-unetpp [--data ../shared/data/mmcells/tuning]
 
 For every labelled image, the true diameter is the median equivalent diameter of its
-labelled cells. Printed, per modality:
+labelled cells not cut by the image edge (the measure training sizes images by). Printed, per modality:
 
 1. the median ``|log2(estimate / true)|`` of each estimator: the size model and the
    multi-scale search, each raw (before segmenting) and refined (``--diameter auto``'s
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cellnest.data import load_folder
-from cellnest.diameter import log2_error, median_diameter
+from cellnest.diameter import interior_median_diameter, log2_error
 from cellnest.hardware import cpu_name
 from cellnest.io import read_image, read_labels
 from cellnest.metrics import modality_mean, score_image, summarize
@@ -73,11 +73,12 @@ def main() -> None:
     megapixels: dict[str, float] = defaultdict(float)
     for n, item in enumerate(items, 1):
         image, truth = read_image(item.image), read_labels(item.label)
-        true = median_diameter(truth)
+        true = interior_median_diameter(truth)
         if true is None:
             continue
         megapixels[item.modality] += image.shape[0] * image.shape[1] / 1e6
-        bounds = image_percentiles(image)
+        first = next(iter(segmenters.values()))
+        bounds = image_percentiles(image, first.lower_percentile, first.upper_percentile)
         for mode, segmenter in segmenters.items():
             if mode == "true":
                 segmenter.diameter = true

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 from torch.utils.data import DataLoader
 
 from cellnest.augment import AugmentConfig, build_augmentation
@@ -172,3 +173,18 @@ def test_scale_jitter_shows_cells_at_random_sizes(samples):
     assert np.ptp(areas) > 2 * np.ptp(plain_areas)
     with pytest.raises(ValueError, match="scale_jitter"):
         PatchDataset(samples, patch_size=48, length=4, scale_jitter=3.0)
+
+
+def test_jittered_classes_are_made_from_the_resized_labels():
+    # Two touching 40 x 40 cells. The sample's class map is deliberately blank: a jittered
+    # patch must take its classes from the instance labels, boundary band included.
+    labels = np.zeros((64, 96), np.int32)
+    labels[12:52, 8:48], labels[12:52, 48:88] = 1, 2
+    sample = Sample("touching", "m", np.zeros((3, 64, 96), np.float32), labels, np.zeros((64, 96), np.uint8))
+    dataset = PatchDataset([sample], patch_size=64, length=8, seed=0, foreground_fraction=0.0, scale_jitter=0.5,
+                           boundary_width=1)
+    for index in range(8):
+        classes = dataset[index]["classes"].numpy()
+        assert (classes == 1).any() and (classes == 2).any()
+        interior = ndi.label(classes == 1)[0]
+        assert interior.max() <= 2  # the touching cells stay two interiors, split by the boundary

@@ -139,10 +139,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from cellnest.validate import retune_model_file
 
     config, f1, per_method = retune_model_file(args.model, args.data, args.out, args.methods, args.device, args.limit, not args.quiet)
-    print("| post-processing | best mean F1 |\n|---|---|")
+    print("| post-processing | best F1 (mean of per-modality means) |\n|---|---|")
     for method, score in per_method.items():
         print(f"| {method} | {score:.4f} |")
-    log.info("chose %s (mean F1 %.4f) -> %s", config.to_dict(), f1, args.out)
+    log.info("chose %s (F1, mean of per-modality means, %.4f) -> %s", config.to_dict(), f1, args.out)
     return 0
 
 

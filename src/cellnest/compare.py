@@ -153,7 +153,7 @@ def _run_scores(run_dir: Path, model: Path, val_items, recipe, device: str) -> l
         if model.parent == run_dir and usable(own):
             atomic_write(path, lambda tmp: tmp.write_bytes(own.read_bytes()))
         else:
-            samples = [SampleCache().load(i, recipe.targets) for i in val_items]
+            samples = [SampleCache().load(i, recipe.targets, recipe.data.diameter, recipe.data.min_cell_pixels) for i in val_items]
             bundle = read_model_file(model)
             result = validate(build_network(bundle, model), samples, PredictorConfig.from_dict(bundle["predictor"]), recipe.postprocess, device)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,12 +241,12 @@ def run_comparison(
     else:
         if model is None:
             raise ValueError("a postprocess comparison needs --model (one trained model)")
-        from cellnest.models import build_network, read_model_file
+        from cellnest.models import build_network, read_model_file, sized_at
         from cellnest.predict import Predictor, PredictorConfig
 
         bundle = read_model_file(model)
         targets = TargetConfig(**{**bundle.get("targets", {}), "weight_maps": False})
-        samples = [SampleCache().load(i, targets) for i in val_items]
+        samples = [SampleCache().load(i, targets, sized_at(bundle)) for i in val_items]
         predictor = Predictor(build_network(bundle, model), PredictorConfig.from_dict(bundle["predictor"]), device)
         probabilities = [predictor(np.asarray(s.image)) for s in samples]
         base = PostprocessConfig.from_dict(bundle["postprocess"])

@@ -28,14 +28,15 @@ from typing import Sequence
 
 import numpy as np
 
-from cellnest.diameter import median_diameter, rescale_image, rescale_labels, training_scale
+from cellnest.diameter import interior_median_diameter, rescale_image, rescale_labels, training_scale
 from cellnest.io import ImageReadError, list_images, read_image, read_labels
 from cellnest.normalize import normalize_image
 from cellnest.targets import instances_to_classes, weight_map
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when the cached arrays' meaning changes
+CACHE_VERSION = 3  # bump when the cached arrays' meaning changes
+MAX_SAMPLE_PIXELS = 2**26  # 67 MP: a resized training image (its float32 arrays stay under ~1.3 GB)
 
 
 @dataclass(frozen=True)
@@ -192,22 +193,28 @@ def prepare_sample(
 ) -> Sample:
     """Normalise an (H, W, 3) image and compute targets from (H, W) labels (pure function).
 
-    With ``diameter`` (pixels), image and labels are first resized so that the labels'
-    median cell diameter becomes ``diameter`` (:func:`cellnest.diameter.training_scale`):
-    the image linearly, the labels by nearest neighbour; cells left with fewer than
-    ``min_cell_pixels`` pixels become background and get weight 0 in the weight map.
-    Targets and weight maps are computed at the new size, so boundaries stay one band
-    thick and sigma stays in the network's pixels. Unlabelled images keep their size.
+    With ``diameter`` (pixels), image and labels are resized so that the labels' median
+    cell diameter (cells cut by the image edge left out, as at inference:
+    :func:`cellnest.diameter.interior_median_diameter`) becomes ``diameter``: the image
+    is normalised at its own size, then resized linearly (the order inference uses), the
+    labels by nearest neighbour; cells left with fewer than ``min_cell_pixels`` pixels
+    become background and get weight 0 in the weight map (losses without weight maps see
+    them as background: 4 of 28,376 cells in mmcells/train at 30 px). Targets and weight
+    maps are computed at the new size, so boundaries keep their width and sigma stays in
+    the network's pixels. Unlabelled images keep their size.
     """
     if labels is not None and labels.shape != image.shape[:2]:
         raise ValueError(f"{name}: label shape {labels.shape} differs from image shape {image.shape[:2]}")
-    native = median_diameter(labels) if labels is not None else None
+    native = interior_median_diameter(labels) if labels is not None else None
     scale = training_scale(native, diameter)
+    if image.shape[0] * image.shape[1] * scale**2 > MAX_SAMPLE_PIXELS:
+        raise ValueError(f"{name}: resizing this {image.shape[1]}x{image.shape[0]} image by {scale:.2f} for cells of "
+                         f"{diameter} px would exceed {MAX_SAMPLE_PIXELS // 10**6} MP; crop it into tiles for training")
+    normalised = normalize_image(image, config.lower_percentile, config.upper_percentile)
     dropped = None
     if scale != 1.0:
-        image = rescale_image(image, scale)
+        normalised = rescale_image(normalised, scale)
         labels, dropped = rescale_labels(labels, scale, min_cell_pixels)
-    normalised = normalize_image(image, config.lower_percentile, config.upper_percentile)
     sample = Sample(name, modality, np.ascontiguousarray(np.moveaxis(normalised, -1, 0)),
                     meta={"diameter": native, "scale": scale})
     if labels is None:

@@ -52,8 +52,14 @@ def median_diameter(labels: np.ndarray) -> float | None:
 def interior_median_diameter(labels: np.ndarray) -> float | None:
     """Median diameter of the cells not touching the image edge (cut cells read small);
     of all cells when every cell touches it; None without cells."""
-    inner = median_diameter(clear_border(np.asarray(labels)))
-    return inner if inner is not None else median_diameter(labels)
+    labels = np.asarray(labels)
+    areas = np.bincount(labels.ravel().astype(np.int64, copy=False))
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]).astype(np.int64))
+    inner = areas.copy()
+    inner[edge] = 0
+    inner[0] = 0
+    chosen = inner[inner > 0] if np.any(inner > 0) else areas[1:][areas[1:] > 0]
+    return float(np.median(2.0 * np.sqrt(chosen / math.pi))) if chosen.size else None
 
 
 def training_diameter(label_paths: Sequence) -> float | None:
@@ -163,8 +169,8 @@ def search_diameter(
     for candidate in candidates:
         scale = scale_for(model_diameter, candidate)
         rows, cols = window_slices(image.shape[:2], max(int(round(window / scale)), 8))[0]
-        labels = segment_window(image[rows, cols], scale)
-        diameters = cell_diameters(clear_border(np.asarray(labels)))  # cells cut by the window would read small
+        labels = np.asarray(segment_window(image[rows, cols], scale))
+        diameters = cell_diameters(clear_border(labels))  # cells cut by the window would read small
         if diameters.size < min_cells:
             continue
         found = float(np.median(diameters))

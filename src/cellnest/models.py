@@ -86,7 +86,7 @@ class Segmenter:
         the estimate is then checked on the cells found at that scale, and the image is
         segmented once more if they are off by more than ``tolerance``.
 
-    Images whose rescaled size exceeds ``max_whole_pixels`` go block by block: blocks of
+    Images whose native or rescaled size exceeds ``max_whole_pixels`` go block by block: blocks of
     ``block`` pixels at the model's scale (``block / scale`` image pixels when enlarging)
     with a margin of ``margin`` image pixels or four model cell diameters, whichever is
     larger; each block is resized on its own, so memory stays bounded.
@@ -139,6 +139,8 @@ class Segmenter:
         if found is None or abs(math.log2(found / estimate)) <= math.log2(self.tolerance):
             return labels, SizeInfo(estimate, scale)
         rescale = scale_for(self.cell_diameter, found)  # the cells found disagree: trust them, once
+        if rescale == scale:  # both clipped to the same limit
+            return labels, SizeInfo(found, scale)
         return self.segment_at(image, bounds, rescale, progress), SizeInfo(found, rescale)
 
     def estimate_diameter(self, image: np.ndarray, bounds) -> float | None:
@@ -159,7 +161,7 @@ class Segmenter:
             return resize_labels(np.asarray(self.segment_normalized(rescale_image(normalised, scale))), normalised.shape[:2])
 
         height, width = image.shape[:2]
-        if height * width * scale**2 <= self.max_whole_pixels:
+        if height * width * max(scale, 1.0) ** 2 <= self.max_whole_pixels:  # the native copy counts too
             return np.asarray(segment_block(apply_image_percentiles(image, bounds)), np.int32)
         block = max(int(self.block / max(scale, 1.0)), 64)
         margin = max(self.margin, int(math.ceil(4 * self.cell_diameter / scale))) if self.cell_diameter else self.margin
@@ -282,6 +284,13 @@ def build_network(bundle: dict, path: str | os.PathLike = "<model>") -> nn.Modul
     return model
 
 
+def sized_at(bundle: dict) -> float | None:
+    """The cell diameter a model file was trained at (``data.diameter``), or None for a
+    model trained at native scale: its samples must be prepared at that size."""
+    meta = bundle.get("meta", {})
+    return meta.get("cell_diameter") if meta.get("size_normalised") else None
+
+
 def shipped_models() -> dict[str, Path]:
     """Model files shipped in the package: ``name -> path``."""
     return {p.stem: p for p in sorted(WEIGHTS_DIR.glob("*.pt"))} if WEIGHTS_DIR.is_dir() else {}
@@ -345,6 +354,9 @@ def load_segmenter(
     percentiles = {(b.get("targets", {}).get("lower_percentile"), b.get("targets", {}).get("upper_percentile")) for b in bundles}
     if len(percentiles) > 1:
         raise ValueError(f"ensemble members normalise differently (percentiles {sorted(percentiles, key=str)}); they cannot share one input")
+    sizes = {(b.get("meta", {}).get("cell_diameter"), bool(b.get("meta", {}).get("size_normalised"))) for b in bundles}
+    if len(sizes) > 1:
+        raise ValueError(f"ensemble members were trained at different cell sizes ({sorted(sizes, key=str)}); they cannot share one input")
     predictor_config = PredictorConfig.from_dict({**first["predictor"], **(predictor or {})})
     targets = first.get("targets", {})
     meta = first.get("meta", {})
@@ -352,6 +364,8 @@ def load_segmenter(
     if diameter is None:
         diameter = "auto" if meta.get("size_normalised") else "native"
     size_model = SizeModel.from_dict(first["size_model"]) if first.get("size_model") else None
+    if estimator == "size_model" and size_model is None:
+        raise ValueError(f"{paths[0]}: has no size model (fitted after training at one cell size); use --estimator search")
     return NetworkSegmenter(
         name=name,
         lower_percentile=targets.get("lower_percentile", 1.0),

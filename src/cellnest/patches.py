@@ -34,6 +34,7 @@ from torch.utils.data import Dataset, Sampler
 
 from cellnest.augment import Augmentation
 from cellnest.data import Sample
+from cellnest.targets import instances_to_classes
 
 MAX_FOREGROUND_LOCATIONS = 10_000  # per image, as nnU-Net: enough to sample from, small to keep
 
@@ -55,8 +56,11 @@ class PatchDataset(Dataset):
     image_weights : relative probability of each sample (default: uniform).
     scale_jitter : octaves; each patch draws ``f = 2 ** U(-scale_jitter, scale_jitter)``,
         crops a window of side ``round(P / f)`` and resizes it to P (image and weights
-        linearly, anti-aliased when shrinking; classes by nearest neighbour), so cells
-        appear ``f`` times their sample size. 0 crops P directly.
+        linearly, anti-aliased when shrinking), so cells appear ``f`` times their sample
+        size. The classes are made anew from the resized instance labels (nearest
+        neighbour) with ``boundary_width``, so boundary bands keep their width and
+        touching cells stay apart; samples without labels resize their classes by nearest
+        neighbour. 0 crops P directly.
 
     Images smaller than P are padded to P at a random offset: image with 0, classes with 0
     (background), weights with 1.0, so the padding is learnt as empty background. (At
@@ -77,6 +81,7 @@ class PatchDataset(Dataset):
         augment: Augmentation | None = None,
         image_weights: Sequence[float] | None = None,
         scale_jitter: float = 0.0,
+        boundary_width: int = 1,
     ):
         if not samples:
             raise ValueError("PatchDataset needs at least one sample")
@@ -95,6 +100,7 @@ class PatchDataset(Dataset):
         if not 0.0 <= scale_jitter <= 2.0:
             raise ValueError(f"scale_jitter must be in [0, 2] octaves, got {scale_jitter}")
         self.scale_jitter = float(scale_jitter)
+        self.boundary_width = int(boundary_width)
         self.probabilities = _probabilities(image_weights, len(self.samples))
         # Flat indices of (a strided subset of) each image's foreground pixels, computed once
         # here so that worker processes share them instead of each scanning every image.
@@ -138,6 +144,10 @@ class PatchDataset(Dataset):
         }
         if window != self.patch_size:
             item = _resize_patch(item, self.patch_size)
+            if sample.labels is not None:
+                labels = _crop(sample.labels, top, left, window, 0, np.int32)
+                labels = resize(labels, (self.patch_size,) * 2, order=0, preserve_range=True, anti_aliasing=False)
+                item["classes"] = instances_to_classes(labels.astype(np.int32), self.boundary_width).astype(np.int64)
         augment_seed = int(rng.integers(2**32))  # drawn even without augmentation: same stream either way
         if self.augment is not None:
             item = self.augment(item, seed=augment_seed)

@@ -190,6 +190,11 @@ def self_train(
     from cellnest.models import build_network, read_model_file
 
     config = recipe.selftrain
+    if recipe.data.diameter is not None:
+        # Unlabelled images have no labels to size them by; sizing them with the teacher's
+        # estimate is not built yet, and mixing scales would teach the student wrong sizes.
+        raise ValueError(f"recipe {recipe.name}: self-training at one cell size (data.diameter) is not supported yet; "
+                         "use --set data.diameter=null")
     out, cache = Path(out), cache or SampleCache()
     labeled_samples = load_samples(load_folder(labeled, require_labels=True), recipe, cache, progress)
     unlabeled_samples = load_samples(load_folder(unlabeled), recipe, cache, progress)

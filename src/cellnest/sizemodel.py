@@ -31,7 +31,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from cellnest.data import Item
-from cellnest.diameter import cell_diameters, rescale_image, resize_labels, window_slices
+from cellnest.diameter import interior_median_diameter, rescale_image, resize_labels, window_slices
 from cellnest.io import read_image, read_labels
 from cellnest.normalize import apply_image_percentiles, image_percentiles
 
@@ -49,7 +49,8 @@ def pooled_features(model: nn.Module, image: np.ndarray, device: torch.device | 
     outputs: list[tuple[int, torch.Tensor]] = []
 
     def keep(_module, _inputs, output):
-        outputs.append((output.shape[-2] * output.shape[-1], output.mean(dim=(-2, -1))[0].float()))
+        # over the batch too: a fixed-tile network (UNETR) folds its tiles into the batch
+        outputs.append((output.shape[-2] * output.shape[-1], output.mean(dim=(0, -2, -1)).float()))
 
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     hooks = [m.register_forward_hook(keep) for m in convs]
@@ -80,9 +81,10 @@ class SizeModel:
     window: int = 512
 
     def predict(self, features: np.ndarray) -> float:
-        """Median cell diameter (pixels) for one (F,) feature vector."""
+        """Median cell diameter (pixels) for one (F,) feature vector, within [1, 4096]."""
         z = (np.asarray(features, np.float64) - np.asarray(self.mean)) / np.asarray(self.scale)
-        return float(2.0 ** (z @ np.asarray(self.coef) + self.intercept))
+        log2_diameter = float(z @ np.asarray(self.coef) + self.intercept)
+        return float(2.0 ** np.clip(np.nan_to_num(log2_diameter, nan=5.0), 0.0, 12.0))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,12 +156,12 @@ def fit_size_model(
             rows, cols = slice(top, top + h), slice(left, left + w)
             crop_labels = labels[rows, cols]
             shape = (max(int(round(crop_labels.shape[0] * factor)), 1), max(int(round(crop_labels.shape[1] * factor)), 1))
-            diameters = cell_diameters(resize_labels(crop_labels, shape))
-            if diameters.size < 2:
+            diameter = interior_median_diameter(resize_labels(crop_labels, shape))
+            if diameter is None:
                 continue
             crop = rescale_image(apply_image_percentiles(image[rows, cols], bounds), factor)
             features.append(pooled_features(model, np.moveaxis(crop, -1, 0), device))
-            targets.append(math.log2(float(np.median(diameters))))
+            targets.append(math.log2(diameter))
             groups.append(index)
     if len(features) < 10:
         raise ValueError(f"only {len(features)} labelled windows with cells: too few to fit a size model")

@@ -291,6 +291,7 @@ class Trainer:
             foreground_fraction=recipe.data.foreground_fraction,
             augment=build_augmentation(recipe.augment),
             scale_jitter=recipe.data.scale_jitter,
+            boundary_width=recipe.targets.boundary_width,
             image_weights=modality_weights([s.modality for s in self.train_samples], recipe.data.modality_balance),
         )
         self.state = State()
@@ -621,6 +622,8 @@ def train_from_folders(
         results[name or "run"] = trainer.fit()
         if recipe.data.diameter is not None and distributed_env()[0] == 0:
             add_size_model(run_dir / "model.pt", train_items, trainer.device, progress)
+        if dist.is_initialized():
+            dist.barrier()  # the other ranks wait for rank 0's size model before the next fold
     if folds is not None and len(folds) > 1 and distributed_env()[0] == 0:
         write_fold_summary(out, results)
     if dist.is_initialized():

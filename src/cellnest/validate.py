@@ -129,7 +129,7 @@ def retune_model_file(
     never overwritten).
     """
     from cellnest.data import SampleCache, TargetConfig, load_folder
-    from cellnest.models import build_network, read_model_file, write_model_file
+    from cellnest.models import build_network, read_model_file, sized_at, write_model_file
 
     if Path(out).resolve() == Path(model).resolve() or (Path(model).is_dir() and Path(out).resolve() == (Path(model) / "model.pt").resolve()):
         raise ValueError(f"{out}: refusing to overwrite the input model; choose another --out")
@@ -137,12 +137,12 @@ def retune_model_file(
     targets = TargetConfig(**{**bundle.get("targets", {}), "weight_maps": False})
     items = load_folder(data, require_labels=True)[:limit]
     cache = SampleCache()
-    samples = [cache.load(item, targets) for item in tqdm(items, desc="prepare", unit="img", disable=not progress)]
+    samples = [cache.load(item, targets, sized_at(bundle)) for item in tqdm(items, desc="prepare", unit="img", disable=not progress)]
     base = PostprocessConfig.from_dict(bundle["postprocess"])
     result = validate(build_network(bundle, model), samples, PredictorConfig.from_dict(bundle["predictor"]), base, device, True)
     config, f1, per_method = tune_thresholds(result.probabilities, samples, base, methods)
     bundle["postprocess"] = config.to_dict()
-    bundle["meta"] = {**bundle.get("meta", {}), "postprocess_tuned_on": str(data), "postprocess_untuned_f1": result.mean_f1,
+    bundle["meta"] = {**bundle.get("meta", {}), "postprocess_tuned_on": str(data), "postprocess_untuned_f1": result.modality_mean_f1,
                       "postprocess_tuned_f1": f1, "postprocess_methods_f1": per_method}
     write_model_file(out, bundle)
     return config, f1, per_method
