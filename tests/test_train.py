@@ -186,3 +186,18 @@ def test_fine_tuning_starts_from_the_given_model(split, tmp_path, monkeypatch, c
     other = ["--set", "model.cfg={channels: [8, 16], strides: [2], num_res_units: 1}"]
     assert main(_train_args(split, tmp_path / "bad", "--steps", "1", "--init", str(first / "model.pt"), *other)) == 2
     assert "not the network of recipe unet" in capsys.readouterr().err
+
+
+def test_training_at_one_cell_size_ships_its_size_and_size_model(split, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CELLNEST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "sized"
+    sized = ["--set", "data.diameter=24", "--set", "data.scale_jitter=0.5"]
+    assert main(_train_args(split, out, "--val", str(split / "val"), "--epochs", "2", *sized)) == 0
+    bundle = torch.load(out / "model.pt", weights_only=True)
+    assert bundle["meta"]["cell_diameter"] == 24.0 and bundle["meta"]["size_normalised"] is True
+    assert bundle["size_model"]["coef"] and bundle["meta"]["size_model_fit"]["windows"] >= 10
+    segmenter = load_segmenter(str(out / "model.pt"), device="cpu")
+    assert segmenter.diameter == "auto" and segmenter.estimator == "size_model"
+    # leave-one-source-out: a source the data does not have is a one-line error
+    assert main(_train_args(split, tmp_path / "loso", "--steps", "1", "--set", "data.exclude_sources=[nowhere]")) == 2
+    assert "no images of source(s) ['nowhere']" in capsys.readouterr().err

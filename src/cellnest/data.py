@@ -48,6 +48,7 @@ class Item:
     label: Path | None = None
     modality: str = "unknown"
     group: str = ""  # leakage group for k-fold; defaults to the name
+    source: str = ""  # where the image comes from (manifest.csv), for leave-one-source-out runs
 
 
 def label_path_for(labels_dir: Path, name: str) -> Path | None:
@@ -88,6 +89,7 @@ def load_folder(root: str | os.PathLike, require_labels: bool = False) -> list[I
     images_dir = root / "images" if (root / "images").is_dir() else root
     labels_dir = root / "labels"
     modality = read_csv_column(root / "manifest.csv", "modality")
+    source = read_csv_column(root / "manifest.csv", "source")
     group = read_csv_column(root / "split_decisions.csv", "group") or read_csv_column(
         root.parent / "split_decisions.csv", "group"
     )
@@ -97,7 +99,7 @@ def load_folder(root: str | os.PathLike, require_labels: bool = False) -> list[I
         label = label_path_for(labels_dir, name)
         if require_labels and label is None:
             raise FileNotFoundError(f"{image}: no label file {labels_dir / (name + '_label.tiff')}")
-        items.append(Item(name, image, label, modality.get(name, "unknown"), group.get(name, name)))
+        items.append(Item(name, image, label, modality.get(name, "unknown"), group.get(name, name), source.get(name, "")))
     if not items:
         raise FileNotFoundError(f"{images_dir}: no images found")
     return items

@@ -128,6 +128,17 @@ class DataConfig:
         training loop. Patches are a pure function of their index, so the number of
         workers never changes a patch. Measured on an H100 with 16 cores (attn-unetpp, 300
         steps of 8x256 px): 44.4 s with 0 workers, 18.5 s with 6, 12.9 s with "auto" (8).
+    diameter : train at one cell size: every labelled image (training and validation) is
+        resized so that its median cell diameter (from its labels) becomes this many
+        pixels, and the model records it for inference (``--diameter auto``). None trains
+        at the images' native scale (the papers). Cellpose uses 30; see ``cellnest plan``.
+    scale_jitter : each patch is cut at a random extra scale ``2 ** U(-scale_jitter,
+        scale_jitter)`` (octaves; :class:`cellnest.patches.PatchDataset`), so a network
+        trained at one ``diameter`` tolerates errors of the estimate at inference.
+    min_cell_pixels : a cell left with fewer pixels after resizing is removed (background,
+        weight 0 in weight maps).
+    exclude_sources : training images whose manifest ``source`` is in this list are left
+        out (a leave-one-source-out run: train without a source, score it).
     """
 
     patch_size: int = 256
@@ -139,8 +150,11 @@ class DataConfig:
     diameter: float | None = None
     scale_jitter: float = 0.0
     min_cell_pixels: int = 4
+    exclude_sources: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.exclude_sources, (list, tuple)) and all(isinstance(s, str) for s in self.exclude_sources),
+                 f"exclude_sources must be a list of source names, got {self.exclude_sources!r}")
         _require(self.diameter is None or (_is_number(self.diameter) and 4 <= self.diameter <= 256),
                  f"diameter must be null or a number of pixels in [4, 256], got {self.diameter!r}")
         _require(_is_number(self.scale_jitter) and 0 <= self.scale_jitter <= 2,

@@ -589,6 +589,11 @@ def train_from_folders(
     if plan is not None:
         provenance["plan"] = {"data": plan["data"], "network": plan.get("network", {})}
     items = load_folder(data, require_labels=True)
+    if recipe.data.exclude_sources:
+        unknown = sorted(set(recipe.data.exclude_sources) - {i.source for i in items})
+        if unknown:
+            raise ValueError(f"{data}: no images of source(s) {unknown} to exclude (sources: {sorted({i.source for i in items})})")
+        items = [i for i in items if i.source not in recipe.data.exclude_sources]
     splits: dict[str, tuple[list[Item], list[Item]]] = {}
     if folds is not None:
         k = recipe.cv.folds
