@@ -33,7 +33,7 @@ from cellnest.sizemodel import with_size_model
 from cellnest.evaluate import score_segmenter
 from cellnest.hardware import cpu_name
 from cellnest.io import atomic_write
-from cellnest.metrics import format_table, summarize
+from cellnest.metrics import format_table, modality_mean, summarize
 from cellnest.predict import PredictorConfig
 from cellnest.models import WEIGHTS_DIR, half_state, load_segmenter, read_model_file, write_model_file
 from cellnest.synthetic import SyntheticSpec, synthetic_cells, to_uint
@@ -101,6 +101,22 @@ def run_length(run_dir: Path) -> tuple[int | None, float | None]:
     return int(rows[-1]["step"]), float(rows[-1]["seconds"])
 
 
+def _size_line(bundle: dict) -> str:
+    """The card's cell-size line: the size a model was trained at and how inference finds it."""
+    meta = bundle.get("meta", {})
+    if meta.get("size_normalised"):
+        fit = meta.get("size_model_fit", {})
+        how = (f"its size model (ridge on pooled deep features; held-out median |log2 error| "
+               f"{fit.get('held_out_median_abs_log2_error', '?')} on training windows)" if bundle.get("size_model") else "the multi-scale search")
+        return (f"- Cell size: trained with every image resized to a median cell diameter of {meta['cell_diameter']:g} px. "
+                f"`--diameter auto` (the default) estimates each image's cell size with {how}, checks it on the cells found, "
+                "and resizes; `--diameter PIXELS` gives the size, `--diameter native` turns resizing off.")
+    if "cell_diameter" in meta:
+        return (f"- Typical training cell diameter: {meta['cell_diameter']} px (median of per-image medians); trained at "
+                "native scale; `--diameter PIXELS|auto` rescales images to it.")
+    return "- Training cell diameter not recorded."
+
+
 def model_card(
     *,
     name: str,
@@ -145,8 +161,7 @@ def model_card(
         "- Input: any 2-D grey or RGB image, 8/16-bit or float; each channel rescaled between its "
         f"percentiles {targets.get('lower_percentile', 1.0):g} and {targets.get('upper_percentile', 99.0):g} "
         f"of non-zero pixels. Sliding window: `{bundle['predictor']}`.",
-        (f"- Typical training cell diameter: {meta['cell_diameter']} px (median of per-image medians); "
-         "`--diameter PIXELS|auto` rescales images to it." if "cell_diameter" in meta else "- Training cell diameter not recorded."),
+        _size_line(bundle),
         "",
         "## Training",
         "",
@@ -180,9 +195,12 @@ def model_card(
         "## Accuracy",
         "",
         f"Challenge F1 (IoU >= 0.5, border cells removed) of this float16 file on `{val_dir}` "
-        f"({summary['all']['n']} images), measured by `cellnest ship`:",
+        f"({summary['all']['n']} images), measured by `cellnest ship`"
+        + (" with `--diameter auto` (the default)" if meta.get("size_normalised") else "") + ":",
         "",
         format_table(summary),
+        "",
+        f"Mean of the per-modality mean F1s (every modality counts once): {modality_mean(summary):.4f}.",
         "",
         "## Speed",
         "",
