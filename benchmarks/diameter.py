@@ -33,7 +33,7 @@ from cellnest.metrics import modality_mean, score_image, summarize
 from cellnest.models import load_segmenter
 from cellnest.normalize import image_percentiles
 
-MODES = ("native", "true", "auto:size_model", "auto:search")
+MODES = ("native", "true", "auto:size_model", "auto:search", "auto:combined")
 
 
 def table(rows: dict[str, dict[str, float]], groups: list[str], fmt: str = "{:.3f}") -> str:

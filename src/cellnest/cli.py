@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diameter", type=parse_diameter, help="typical cell diameter in pixels, 'auto' (estimated per "
                    "image) or 'native' (no rescaling); the image is resized to the model's training cell size "
                    "(default: auto for models trained at one cell size, else native)")
-    p.add_argument("--estimator", choices=("size_model", "search"), help="how --diameter auto estimates the size "
-                   "(default: the model's size model if it has one, else the multi-scale search)")
+    p.add_argument("--estimator", choices=("size_model", "search", "combined"), help="how --diameter auto estimates the "
+                   "size (default: the model's size model if it has one, else the multi-scale search)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png with cell outlines")
     p.add_argument("--measure", action="store_true", help="also write <name>_cells.csv with per-cell measurements")
     p.add_argument("--geojson", action="store_true", help="also write <name>_cells.geojson polygons for QuPath")

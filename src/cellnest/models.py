@@ -47,7 +47,7 @@ MODEL_FORMAT = "cellnest-model"
 MODEL_VERSION = 1
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 DEFAULT_MODEL = "attn-unetpp"  # the shipped model with the better tuning F1 (docs/models.md)
-ESTIMATORS = ("size_model", "search")
+ESTIMATORS = ("size_model", "search", "combined")
 
 
 class ModelFileError(ValueError):
@@ -189,10 +189,17 @@ class NetworkSegmenter(Segmenter):
     size_model: SizeModel | None = None
 
     def estimate_diameter(self, image: np.ndarray, bounds) -> float | None:
-        """The size model's estimate when there is one and it is chosen, else the search."""
-        if self.estimator == "size_model" and self.size_model is not None:
-            return estimate_diameter(self.predictor.models[0], self.size_model, image, bounds, device=self.predictor.device)
-        return super().estimate_diameter(image, bounds)
+        """The size model's estimate, the search's, or ("combined") their geometric mean:
+        the two fail differently (the size model drifts on images unlike its training
+        data, the search can lock onto fragments or merged cells), so the mean halves
+        either's error in octaves before the check."""
+        if self.estimator == "search" or self.size_model is None:
+            return super().estimate_diameter(image, bounds)
+        by_features = estimate_diameter(self.predictor.models[0], self.size_model, image, bounds, device=self.predictor.device)
+        if self.estimator == "size_model":
+            return by_features
+        by_search = super().estimate_diameter(image, bounds)
+        return by_features if by_search is None else math.sqrt(by_features * by_search)
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """Normalised (h, w, C) float32 -> (K, h, w) float32 class probabilities."""
