@@ -19,7 +19,7 @@ import torch
 from cellnest.cli import parse_diameter
 from cellnest.data import load_folder
 from cellnest.evaluate import score_segmenter
-from cellnest.metrics import format_table, summarize
+from cellnest.metrics import format_table, modality_mean, summarize
 from cellnest.models import load_segmenter
 from cellnest.hardware import cpu_name
 
@@ -27,10 +27,11 @@ from cellnest.hardware import cpu_name
 def summary_table(results: dict[str, tuple[dict, float]]) -> str:
     """Markdown: one row per model, mean F1 per modality, overall mean/median, s/image."""
     groups = sorted({g for summary, _ in results.values() for g in summary if g != "all"})
-    lines = ["| model | " + " | ".join(groups) + " | mean F1 | median F1 | s/image |", "|---" * (len(groups) + 4) + "|"]
+    lines = ["| model | " + " | ".join(groups) + " | mean F1 | mean of modality means | median F1 | s/image |",
+             "|---" * (len(groups) + 5) + "|"]
     for name, (summary, seconds) in results.items():
         cells = [f"{summary[g]['mean_f1']:.4f}" if g in summary else "" for g in groups]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary['all']['mean_f1']:.4f} | {summary['all']['median_f1']:.4f} | {seconds:.3f} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {summary['all']['mean_f1']:.4f} | {modality_mean(summary):.4f} | {summary['all']['median_f1']:.4f} | {seconds:.3f} |")
     return "\n".join(lines)
 
 

@@ -143,11 +143,8 @@ class PatchDataset(Dataset):
             ),
         }
         if window != self.patch_size:
-            item = _resize_patch(item, self.patch_size)
-            if sample.labels is not None:
-                labels = _crop(sample.labels, top, left, window, 0, np.int32)
-                labels = resize(labels, (self.patch_size,) * 2, order=0, preserve_range=True, anti_aliasing=False)
-                item["classes"] = instances_to_classes(labels.astype(np.int32), self.boundary_width).astype(np.int64)
+            labels = _crop(sample.labels, top, left, window, 0, np.int32) if sample.labels is not None else None
+            item = _resize_patch(item, self.patch_size, labels, self.boundary_width)
         augment_seed = int(rng.integers(2**32))  # drawn even without augmentation: same stream either way
         if self.augment is not None:
             item = self.augment(item, seed=augment_seed)
@@ -225,14 +222,19 @@ def _crop(array: np.ndarray, top: int, left: int, patch: int, fill: float, dtype
     return out
 
 
-def _resize_patch(item: dict, size: int) -> dict:
+def _resize_patch(item: dict, size: int, labels: np.ndarray | None, boundary_width: int) -> dict:
     """Resize a square crop's arrays to ``size``: image (C, w, w) and weights linearly
-    (anti-aliased when shrinking), classes by nearest neighbour so they stay in {0, 1, 2}."""
+    (anti-aliased when shrinking); classes made anew from the crop's instance ``labels``
+    resized by nearest neighbour, or, without labels, the classes resized by nearest
+    neighbour (they stay in {0, 1, 2})."""
     shrink = item["classes"].shape[0] > size
     image = resize(item["image"], (item["image"].shape[0], size, size), order=1, preserve_range=True, anti_aliasing=shrink)
+    nearest = labels if labels is not None else item["classes"]
+    nearest = resize(nearest, (size, size), order=0, preserve_range=True, anti_aliasing=False)
+    classes = instances_to_classes(nearest.astype(np.int32), boundary_width) if labels is not None else nearest
     return {
         "image": image.astype(np.float32, copy=False),
-        "classes": resize(item["classes"], (size, size), order=0, preserve_range=True, anti_aliasing=False).astype(np.int64),
+        "classes": classes.astype(np.int64),
         "weights": resize(item["weights"], (size, size), order=1, preserve_range=True, anti_aliasing=False).astype(np.float32),
     }
 

@@ -78,7 +78,7 @@ class SizeModel:
     scale: list[float]
     coef: list[float]
     intercept: float
-    window: int = 512
+    window: int = 384
 
     def predict(self, features: np.ndarray) -> float:
         """Median cell diameter (pixels) for one (F,) feature vector, within [1, 4096]."""
