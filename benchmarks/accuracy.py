@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--tile", type=int, help="override the models' sliding-window tile (pixels)")
     parser.add_argument("--overlap", type=float, help="override the models' window overlap (0-1)")
     parser.add_argument("--diameter", type=parse_diameter, help="'auto', 'native' or pixels (default: each model's own)")
+    parser.add_argument("--backend", action="append", choices=("auto", "torch", "onnx", "openvino"),
+                        help="what runs the networks (repeatable: each model is scored on each; default: auto)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     items = load_folder(args.data, require_labels=True)[: args.limit]
@@ -52,11 +54,15 @@ def main() -> None:
     print(f"data: {args.data} ({len(items)} images); cpu: {cpu_name()}, torch threads {torch.get_num_threads()}")
     overrides = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap)) if v is not None}
     results = {}
-    for name in args.model or ["classical"]:
-        scores, seconds = score_segmenter(load_segmenter(name, predictor=overrides, diameter=args.diameter), items)
-        results[name] = (summarize(scores), seconds)
-        print(f"\n## {name}: {seconds:.3f} s/image\n")
-        print(format_table(results[name][0]))
+    backends = args.backend or ["auto"]
+    for model in args.model or ["classical"]:
+        for backend in backends:
+            name = model if len(backends) == 1 else f"{model} ({backend})"
+            segmenter = load_segmenter(model, predictor=overrides, diameter=args.diameter, backend=backend)
+            scores, seconds = score_segmenter(segmenter, items)
+            results[name] = (summarize(scores), seconds)
+            print(f"\n## {name}: {seconds:.3f} s/image\n")
+            print(format_table(results[name][0]))
     print("\n## Summary (mean F1)\n")
     print(summary_table(results))
 

@@ -88,3 +88,15 @@ def test_input_never_overwritten(tmp_path):
     # Output of "a_label.tiff" is "a_label_label.tiff"; the input stays as it was.
     main(["-q", "segment", str(image), "--out", str(tmp_path), "--model", "classical"])
     assert image.read_bytes() == before
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["models"], ["segment", "--help"]])
+def test_quick_commands_do_not_import_torch(argv):
+    """`cellnest --help` and `cellnest models` answer at once: no torch import (~3 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom cellnest.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'" % (argv,))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]

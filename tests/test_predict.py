@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from cellnest.nets import build_model
-from cellnest.predict import Predictor, PredictorConfig
+from cellnest.predict import Predictor, PredictorConfig, window_size
 
 TINY_UNET = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}
 
@@ -59,3 +61,26 @@ def test_ensemble_averages_probabilities():
 def test_bad_predictor_settings(values, message):
     with pytest.raises(ValueError, match=message):
         PredictorConfig.from_dict(values)
+
+
+@pytest.mark.parametrize("side, tile, overlap, expected", [
+    (60, 128, 0.25, 60),      # smaller than a tile: one window of its own size
+    (1045, 1024, 0.25, 1045), # just above a tile: still one window, not four
+    (1500, 1024, 0.25, 858),  # two windows, shrunk evenly: 2 * 858 - 0.25 * 858 >= 1500
+    (4000, 1024, 0.25, 1000), # five windows either way, each a little smaller
+])
+def test_window_size_covers_the_side_with_the_least_work(side, tile, overlap, expected):
+    size = window_size(side, tile, overlap)
+    assert size == expected
+    count = 1 if size >= side else math.ceil((side - size) / int(size * (1 - overlap))) + 1  # MONAI's window count
+    assert count == (1 if side <= tile * 1.125 else math.ceil((side - tile * overlap) / (tile * (1 - overlap))))
+
+
+def test_image_just_above_the_tile_runs_as_one_window(tiny_model):
+    calls = []
+    hook = tiny_model.register_forward_hook(lambda _m, inputs, _o: calls.append(tuple(inputs[0].shape)))
+    try:
+        Predictor(tiny_model, PredictorConfig(tile=64, batch_size=8), device="cpu")(np.zeros((3, 70, 66), np.float32))
+    finally:
+        hook.remove()
+    assert calls == [(1, 3, 70, 66)]

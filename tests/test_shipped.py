@@ -12,7 +12,8 @@ import torch
 from cellnest.cli import main
 from cellnest.io import read_image
 from cellnest.metrics import score_image
-from cellnest.models import DEFAULT_MODEL, load_segmenter, shipped_models
+from cellnest.catalog import DEFAULT_MODEL, shipped_models
+from cellnest.models import load_segmenter
 
 SHIPPED = ("attn-unetpp", "re-unet")
 VERSIONED = ("attn-unetpp-v1",)  # earlier shipped models, kept by a versioned name for comparison

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cellnest.normalize import apply_image_percentiles
+from cellnest.timing import stage
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,9 @@ def segment_in_blocks(
     next_id = 1
     grid = list(block_grid((height, width), block, margin))
     for core_r, core_c, outer_r, outer_c in tqdm(grid, desc="blocks", unit="block", disable=not progress):
-        labels = np.asarray(segment_block(apply_image_percentiles(image[outer_r, outer_c], bounds)))
+        with stage("normalise"):
+            normalised = apply_image_percentiles(image[outer_r, outer_c], bounds)
+        labels = np.asarray(segment_block(normalised))
         if labels.max() == 0:
             continue
         mean_r, mean_c = centroids(labels)

@@ -18,12 +18,13 @@ log = logging.getLogger("cellnest")
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from cellnest.models import DEFAULT_MODEL, load_segmenter
+    from cellnest.catalog import DEFAULT_MODEL
+    from cellnest.models import load_segmenter
     from cellnest.segment import Outputs, segment_files
 
     overrides = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap), ("tta", args.tta or None)) if v is not None}
     segmenter = load_segmenter(args.model or [DEFAULT_MODEL], device=args.device, predictor=overrides, diameter=args.diameter,
-                               estimator=args.estimator)
+                               estimator=args.estimator, backend=args.backend)
     outputs = Outputs(overlay=args.overlay, measure=args.measure, geojson=args.geojson)
     results = segment_files(args.inputs, args.out, segmenter, outputs, progress=not args.quiet)
     done = [r for r in results if not r.error]
@@ -160,7 +161,7 @@ def _cmd_ship(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from cellnest.models import DEFAULT_MODEL, available_models, shipped_models
+    from cellnest.catalog import DEFAULT_MODEL, available_models, shipped_models
 
     shipped = shipped_models()
     for name in available_models():
@@ -218,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: auto for models trained at one cell size, else native)")
     p.add_argument("--estimator", choices=("size_model", "search", "combined"), help="how --diameter auto estimates the "
                    "size (default: the model's size model if it has one, else the multi-scale search)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino"), default="auto",
+                   help="what runs the network: auto (the fastest installed runtime on CPU, PyTorch on CUDA), torch, "
+                   "onnx (ONNX Runtime) or openvino; a missing runtime falls back to PyTorch with a note")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png with cell outlines")
     p.add_argument("--measure", action="store_true", help="also write <name>_cells.csv with per-cell measurements")
     p.add_argument("--geojson", action="store_true", help="also write <name>_cells.geojson polygons for QuPath")

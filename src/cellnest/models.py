@@ -33,20 +33,21 @@ import torch
 import torch.nn as nn
 
 from cellnest.blocks import segment_in_blocks
+from cellnest.catalog import DEFAULT_MODEL, model_path, shipped_models
 from cellnest.classical import ClassicalConfig, segment_normalized_classical
 from cellnest.diameter import TOLERANCE, interior_median_diameter, rescale_image, resize_labels, scale_for, search_diameter
 from cellnest.io import atomic_write
 from cellnest.normalize import apply_image_percentiles, image_percentiles
 from cellnest.postprocess import PostprocessConfig, probabilities_to_instances
-from cellnest.predict import Predictor, PredictorConfig
+from cellnest.predict import Predictor, PredictorConfig, resolve_device
+from cellnest.runtime import on_backend
 from cellnest.sizemodel import SizeModel, estimate_diameter
+from cellnest.timing import stage
 
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "cellnest-model"
 MODEL_VERSION = 1
-WEIGHTS_DIR = Path(__file__).with_name("weights")
-DEFAULT_MODEL = "attn-unetpp"  # the shipped model with the better tuning F1 (docs/models.md)
 ESTIMATORS = ("size_model", "search", "combined")
 
 
@@ -124,13 +125,15 @@ class Segmenter:
         """(H, W, C) raw image -> (H, W) int32 instance map and how it was sized."""
         if image.ndim != 3:
             raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
-        bounds = image_percentiles(image, self.lower_percentile, self.upper_percentile)
+        with stage("normalise"):
+            bounds = image_percentiles(image, self.lower_percentile, self.upper_percentile)
         if self.diameter is None:
             return self.segment_at(image, bounds, 1.0, progress), SizeInfo()
         if self.diameter != "auto":
             scale = scale_for(self.cell_diameter, float(self.diameter))
             return self.segment_at(image, bounds, scale, progress), SizeInfo(float(self.diameter), scale)
-        estimate = self.estimate_diameter(image, bounds)
+        with stage("size"):
+            estimate = self.estimate_diameter(image, bounds)
         if estimate is None:  # nothing found at any scale: segment as is
             return self.segment_at(image, bounds, 1.0, progress), SizeInfo()
         scale = scale_for(self.cell_diameter, estimate)
@@ -150,19 +153,29 @@ class Segmenter:
     def segment_window(self, crop: np.ndarray, bounds, scale: float) -> np.ndarray:
         """A raw (h, w, C) crop, normalised with the whole image's ``bounds`` and resized by
         ``scale`` -> instance map at the resized size."""
-        normalised = apply_image_percentiles(crop, bounds)
-        return np.asarray(self.segment_normalized(rescale_image(normalised, scale) if scale != 1.0 else normalised))
+        with stage("normalise"):
+            normalised = apply_image_percentiles(crop, bounds)
+        if scale != 1.0:
+            with stage("resample"):
+                normalised = rescale_image(normalised, scale)
+        return np.asarray(self.segment_normalized(normalised))
 
     def segment_at(self, image: np.ndarray, bounds, scale: float, progress: bool = False) -> np.ndarray:
         """Segment a raw (H, W, C) image resized by ``scale``; labels at (H, W), int32."""
         def segment_block(normalised: np.ndarray) -> np.ndarray:
             if scale == 1.0:
                 return np.asarray(self.segment_normalized(normalised))
-            return resize_labels(np.asarray(self.segment_normalized(rescale_image(normalised, scale))), normalised.shape[:2])
+            with stage("resample"):
+                resized = rescale_image(normalised, scale)
+            labels = np.asarray(self.segment_normalized(resized))
+            with stage("resample"):
+                return resize_labels(labels, normalised.shape[:2])
 
         height, width = image.shape[:2]
         if height * width * max(scale, 1.0) ** 2 <= self.max_whole_pixels:  # the native copy counts too
-            return np.asarray(segment_block(apply_image_percentiles(image, bounds)), np.int32)
+            with stage("normalise"):
+                normalised = apply_image_percentiles(image, bounds)
+            return np.asarray(segment_block(normalised), np.int32)
         block = max(int(self.block / max(scale, 1.0)), 64)
         margin = max(self.margin, int(math.ceil(4 * self.cell_diameter / scale))) if self.cell_diameter else self.margin
         return segment_in_blocks(image, bounds, segment_block, block, margin, progress)
@@ -203,10 +216,13 @@ class NetworkSegmenter(Segmenter):
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """Normalised (h, w, C) float32 -> (K, h, w) float32 class probabilities."""
-        return self.predictor(np.moveaxis(image, -1, 0))
+        with stage("network"):
+            return self.predictor(np.moveaxis(image, -1, 0))
 
     def segment_normalized(self, image: np.ndarray) -> np.ndarray:
-        return probabilities_to_instances(self.probabilities(image), self.postprocess)
+        probabilities = self.probabilities(image)
+        with stage("postprocess"):
+            return probabilities_to_instances(probabilities, self.postprocess)
 
 
 def _plain(values: dict) -> dict:
@@ -298,35 +314,13 @@ def sized_at(bundle: dict) -> float | None:
     return meta.get("cell_diameter") if meta.get("size_normalised") else None
 
 
-def shipped_models() -> dict[str, Path]:
-    """Model files shipped in the package: ``name -> path``."""
-    return {p.stem: p for p in sorted(WEIGHTS_DIR.glob("*.pt"))} if WEIGHTS_DIR.is_dir() else {}
-
-
-def available_models() -> list[str]:
-    """Names accepted by ``--model`` besides file paths."""
-    return ["classical", *shipped_models()]
-
-
-def model_path(spec: str) -> Path | None:
-    """A model name or path -> a model file path (None for the classical baseline)."""
-    if spec == "classical":
-        return None
-    shipped = shipped_models()
-    if spec in shipped:
-        return shipped[spec]
-    path = Path(spec)
-    if path.exists() or path.suffix == ".pt" or os.sep in spec:
-        return path
-    raise ValueError(f"unknown model '{spec}' (available: {', '.join(available_models())}, or a .pt file)")
-
-
 def load_segmenter(
     models: str | Sequence[str] = DEFAULT_MODEL,
     device: str = "auto",
     predictor: dict | None = None,
     diameter: float | str | None = None,
     estimator: str | None = None,
+    backend: str = "auto",
 ) -> Segmenter:
     """Build a segmenter from model names or files.
 
@@ -341,6 +335,8 @@ def load_segmenter(
         size (``meta.size_normalised``), else "native". See :class:`Segmenter`.
     estimator : "size_model" or "search" for "auto"; None = the size model where the model
         file has one, else the search.
+    backend : what runs the networks: "torch", "onnx", "openvino" or "auto" (the fastest
+        installed runtime on CPU, PyTorch on CUDA); see :mod:`cellnest.runtime`.
 
     Raises
     ------
@@ -365,6 +361,8 @@ def load_segmenter(
     if len(sizes) > 1:
         raise ValueError(f"ensemble members were trained at different cell sizes ({sorted(sizes, key=str)}); they cannot share one input")
     predictor_config = PredictorConfig.from_dict({**first["predictor"], **(predictor or {})})
+    device = resolve_device(device)
+    networks = [on_backend(n, backend, device) for n in networks]
     targets = first.get("targets", {})
     meta = first.get("meta", {})
     name = "+".join(Path(s).stem if s not in shipped_models() else s for s in specs)

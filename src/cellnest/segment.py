@@ -16,7 +16,8 @@ import io
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +29,7 @@ from cellnest.export import measure_cells, write_geojson, write_measurements
 from cellnest.io import IMAGE_SUFFIXES, ImageReadError, atomic_write, list_images, read_image, write_labels, write_png
 from cellnest.models import Segmenter
 from cellnest.normalize import normalize_image
+from cellnest.timing import stage
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,9 @@ class Outputs:
     geojson: bool = False  # <name>_cells.geojson: polygons for QuPath
 
 
+PREFETCH_MAX_BYTES = 256 * 2**20  # files larger than this are read when their turn comes, not ahead
+
+
 def segment_files(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -110,6 +115,12 @@ def segment_files(
     progress: bool = True,
 ) -> list[ImageResult]:
     """Segment every image of ``inputs`` into ``out_dir``.
+
+    Reading and writing overlap with segmentation: the next file is read by one thread
+    while the current image is segmented (files up to ``PREFETCH_MAX_BYTES``, so at most
+    one extra image is held), and outputs are written by another while the next image is
+    segmented. Decoding and compression release the GIL, so a folder of small images runs
+    near the network's own rate.
 
     Returns
     -------
@@ -122,68 +133,131 @@ def segment_files(
     paths, results = expand_inputs(inputs)
     for spec in results:
         log.error(spec.error)
-    protected = {p.resolve() for p in paths}
-    input_folders = {p.resolve().parent for p in paths}
-    writes_beside_inputs = out_dir.resolve() in input_folders
-    claimed: dict[str, Path] = {}
+    guard = _OutputGuard({p.resolve() for p in paths}, out_dir.resolve() in {p.resolve().parent for p in paths})
     bar = tqdm(paths, desc=f"segment ({segmenter.name})", unit="img", disable=not progress)
-    try:
-        for path in bar:
-            results.append(_segment_one(path, out_dir, segmenter, outputs, protected, writes_beside_inputs, claimed, progress))
-            if results[-1].error:
-                tqdm.write(f"error: {results[-1].error}")
-            else:
-                bar.set_postfix(cells=results[-1].cells, s=f"{results[-1].seconds:.2f}")
-    finally:  # even an interrupted batch leaves its summary
-        write_summary(out_dir / "summary.csv", results)
+    writing: tuple[ImageResult, Future] | None = None
+
+    def finish(pending: tuple[ImageResult, Future] | None) -> None:
+        if pending is None:
+            return
+        result, future = pending
+        error = future.exception()
+        if error is not None:
+            result.error, result.output = _error_line(Path(result.input), error), ""
+            tqdm.write(f"error: {result.error}")
+        results.append(result)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="cellnest-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="cellnest-write") as writer:
+        ahead = {0: _read_ahead(reader, paths[0])} if paths else {}
+        try:
+            for index, path in enumerate(bar):
+                if index + 1 < len(paths):
+                    ahead[index + 1] = _read_ahead(reader, paths[index + 1])
+                result, write = _segment_one(path, ahead.pop(index), out_dir, segmenter, outputs, guard, writer, progress)
+                finish(writing)
+                writing = (result, write) if write is not None else None
+                if write is None:
+                    results.append(result)
+                if result.error:
+                    tqdm.write(f"error: {result.error}")
+                else:
+                    bar.set_postfix(cells=result.cells, s=f"{result.seconds:.2f}")
+            finish(writing)
+            writing = None
+        finally:  # even an interrupted batch leaves its summary
+            for future in ahead.values():
+                future.cancel()
+            if writing is not None:
+                finish(writing)
+            write_summary(out_dir / "summary.csv", results)
     return results
+
+
+@dataclass
+class _OutputGuard:
+    """Refuses outputs that would overwrite an input, ground truth, or each other."""
+
+    protected: set[Path]
+    writes_beside_inputs: bool
+    claimed: dict[str, Path] = field(default_factory=dict)
+
+    def check(self, path: Path, targets: Sequence[Path]) -> None:
+        if path.stem in self.claimed:
+            raise ImageReadError(path, f"output name collides with {self.claimed[path.stem]} (same file stem)")
+        clash = next((t for t in targets if t.resolve() in self.protected), None)
+        if clash is not None:
+            raise ImageReadError(path, f"refusing to overwrite input file {clash}")
+        # Beside the inputs, an existing <name>_label.tiff is likely ground truth: keep it.
+        existing = next((t for t in targets if self.writes_beside_inputs and t.exists()), None)
+        if existing is not None:
+            raise ImageReadError(path, f"refusing to overwrite existing {existing} beside the inputs; choose another --out")
+        self.claimed[path.stem] = path
+
+
+def _read_ahead(reader: ThreadPoolExecutor, path: Path) -> Future:
+    """Start reading ``path`` in the reader thread, or defer a large file to its turn."""
+    try:
+        small = path.stat().st_size <= PREFETCH_MAX_BYTES
+    except OSError:
+        small = True  # let the read report the problem
+    if small:
+        return reader.submit(read_image, path, dtype=None)  # native dtype: a large uint8 image stays small
+    deferred: Future = Future()
+    deferred.set_result(None)
+    return deferred
+
+
+def _error_line(path: Path, err: BaseException) -> str:
+    if isinstance(err, ImageReadError):
+        return str(err)
+    return f"{path}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
 
 
 def _segment_one(
     path: Path,
+    read: Future,
     out_dir: Path,
     segmenter: Segmenter,
     outputs: Outputs,
-    protected: set[Path],
-    writes_beside_inputs: bool,
-    claimed: dict[str, Path],
+    guard: _OutputGuard,
+    writer: ThreadPoolExecutor,
     progress: bool,
-) -> ImageResult:
-    """Segment one file; any failure is recorded in the result, never raised."""
+) -> tuple[ImageResult, Future | None]:
+    """Segment one file and hand its outputs to the writer; a failure is recorded in the
+    result, never raised. Returns the result and the pending write (None on failure)."""
     result = ImageResult(str(path), path.stem)
     target = out_dir / f"{path.stem}_label.tiff"
     extras = [out_dir / f"{path.stem}{suffix}" for suffix in ("_overlay.png", "_cells.csv", "_cells.geojson")]
     try:
-        if path.stem in claimed:
-            raise ImageReadError(path, f"output name collides with {claimed[path.stem]} (same file stem)")
-        clash = next((t for t in [target, *extras] if t.resolve() in protected), None)
-        if clash is not None:
-            raise ImageReadError(path, f"refusing to overwrite input file {clash}")
-        # Beside the inputs, an existing <name>_label.tiff is likely ground truth: keep it.
-        existing = next((t for t in [target, *extras] if writes_beside_inputs and t.exists()), None)
-        if existing is not None:
-            raise ImageReadError(path, f"refusing to overwrite existing {existing} beside the inputs; choose another --out")
-        claimed[path.stem] = path
+        guard.check(path, [target, *extras])
         start = time.perf_counter()
-        image = read_image(path, dtype=None)  # native dtype: a large uint8 image stays small
+        with stage("read"):
+            image = read.result()
+            if image is None:  # deferred: too large to read ahead
+                image = read_image(path, dtype=None)
         labels, size = segmenter.run(image, progress=progress)
         result.diameter = f"{size.diameter:.1f}" if size.diameter is not None else ""
         result.scale = f"{size.scale:.3f}"
-        write_labels(target, labels)
-        if outputs.overlay:
-            write_png(extras[0], overlay_outlines(image, labels))
-        if outputs.measure:
-            write_measurements(extras[1], measure_cells(labels, image))
-        if outputs.geojson:
-            write_geojson(extras[2], labels, name=path.stem)
-        result.seconds = time.perf_counter() - start
         result.cells = int(np.count_nonzero(np.bincount(labels.ravel())[1:]))
         result.output = str(target)
-    except ImageReadError as err:
-        result.error = str(err)
-    except (ValueError, OSError, RuntimeError, MemoryError) as err:  # e.g. out of (GPU) memory on one image
-        result.error = f"{path}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
-    return result
+        write = writer.submit(_write_outputs, target, extras, image, labels, outputs, path.stem)
+        result.seconds = time.perf_counter() - start
+        return result, write
+    except (ImageReadError, ValueError, OSError, RuntimeError, MemoryError) as err:  # e.g. out of (GPU) memory on one image
+        result.error = _error_line(path, err)
+        return result, None
+
+
+def _write_outputs(target: Path, extras: list[Path], image: np.ndarray, labels: np.ndarray, outputs: Outputs, name: str) -> None:
+    """Write the label file and the requested extras (runs in the writer thread)."""
+    write_labels(target, labels)
+    if outputs.overlay:
+        write_png(extras[0], overlay_outlines(image, labels))
+    if outputs.measure:
+        write_measurements(extras[1], measure_cells(labels, image))
+    if outputs.geojson:
+        write_geojson(extras[2], labels, name=name)
 
 
 def write_summary(path: Path, results: Sequence[ImageResult]) -> Path:

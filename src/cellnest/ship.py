@@ -35,7 +35,8 @@ from cellnest.hardware import cpu_name
 from cellnest.io import atomic_write
 from cellnest.metrics import format_table, modality_mean, summarize
 from cellnest.predict import PredictorConfig
-from cellnest.models import WEIGHTS_DIR, half_state, load_segmenter, read_model_file, write_model_file
+from cellnest.catalog import WEIGHTS_DIR
+from cellnest.models import half_state, load_segmenter, read_model_file, write_model_file
 from cellnest.synthetic import SyntheticSpec, synthetic_cells, to_uint
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")

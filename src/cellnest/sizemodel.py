@@ -34,18 +34,25 @@ from cellnest.data import Item
 from cellnest.diameter import interior_median_diameter, rescale_image, resize_labels, window_slices
 from cellnest.io import read_image, read_labels
 from cellnest.normalize import apply_image_percentiles, image_percentiles
+from cellnest.runtime import FEATURE_LEVELS, RuntimeNet
 
 log = logging.getLogger(__name__)
 
-LEVELS = 2  # coarsest resolutions whose conv outputs are pooled
 
 
 @torch.inference_mode()
 def pooled_features(model: nn.Module, image: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
-    """Spatial means of the outputs of every ``Conv2d`` at the network's ``LEVELS`` coarsest
+    """Spatial means of the outputs of every ``Conv2d`` at the network's ``FEATURE_LEVELS`` coarsest
     resolutions, for one normalised (C, H, W) float32 image -> (F,) float64.
 
-    F depends only on the network, not on the image size (spatial means)."""
+    F depends only on the network, not on the image size (spatial means). A network run
+    by ONNX Runtime or OpenVINO (:class:`cellnest.runtime.RuntimeNet`) computes the same
+    means inside its exported graph."""
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
+    inner = getattr(model, "net", None)
+    if isinstance(inner, RuntimeNet):
+        model(x)
+        return np.asarray(inner.last_features, np.float64)
     outputs: list[tuple[int, torch.Tensor]] = []
 
     def keep(_module, _inputs, output):
@@ -57,12 +64,12 @@ def pooled_features(model: nn.Module, image: np.ndarray, device: torch.device | 
     was_training = model.training
     model.eval()
     try:
-        model(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device))
+        model(x)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    sizes = sorted({size for size, _ in outputs})[:LEVELS]
+    sizes = sorted({size for size, _ in outputs})[:FEATURE_LEVELS]
     return torch.cat([v for size, v in outputs if size in sizes]).cpu().numpy().astype(np.float64)
 
 

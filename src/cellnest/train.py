@@ -49,7 +49,8 @@ from cellnest.evaluate import write_scores_csv
 from cellnest.hardware import cpu_name
 from cellnest.io import atomic_write
 from cellnest.losses import build_loss
-from cellnest.models import ModelFileError, build_network, model_path, read_model_file, save_model
+from cellnest.catalog import model_path
+from cellnest.models import ModelFileError, build_network, read_model_file, save_model
 from cellnest.nets import build_model
 from cellnest.patches import PatchDataset, ResumableSampler, modality_weights
 from cellnest.predict import resolve_device

@@ -1,0 +1,29 @@
+"""Folder segmentation: read-ahead and background writes keep input order and report every failure."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+from cellnest.models import ClassicalSegmenter
+from cellnest.segment import Outputs, segment_files
+
+
+def test_write_failures_are_reported_in_input_order(tmp_path, synthetic_folder):
+    inputs = tmp_path / "in"
+    shutil.copytree(synthetic_folder / "images", inputs)
+    names = sorted(p.stem for p in inputs.iterdir())
+    out = tmp_path / "out"
+    (out / f"{names[2]}_label.tiff").mkdir(parents=True)  # a folder where a label file must go: the write fails
+    (inputs / "broken.tif").write_bytes(b"not a tiff")  # a read failure, read ahead in the other thread
+    results = segment_files([inputs], out, ClassicalSegmenter(), Outputs(overlay=True), progress=False)
+    assert [r.name for r in results] == sorted(names + ["broken"])
+    failed = {r.name: r.error for r in results if r.error}
+    assert set(failed) == {names[2], "broken"}
+    assert "IsADirectoryError" in failed[names[2]] and "corrupt" in failed["broken"]
+    for r in results:
+        assert bool(r.output) != bool(r.error)
+    assert len(list(out.glob("*_label.tiff"))) == len(names)  # the folder counts: len(names) - 1 files + 1 folder
+    assert len(list(out.glob("*_overlay.png"))) == len(names) - 1
+    with open(out / "summary.csv") as fh:
+        assert [row["name"] for row in csv.DictReader(fh)] == [r.name for r in results]
