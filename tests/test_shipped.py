@@ -16,7 +16,7 @@ from cellnest.catalog import DEFAULT_MODEL, shipped_models
 from cellnest.models import load_segmenter
 
 SHIPPED = ("attn-unetpp", "re-unet")
-VERSIONED = ("attn-unetpp-v1",)  # earlier shipped models, kept by a versioned name for comparison
+VERSIONED = ("attn-unetpp-v1", "re-unet-v1")  # earlier shipped models, kept by a versioned name for comparison
 # Measured when shipped (docs/models.md): 0.7353 with attn-unetpp and --diameter auto (its size
 # model over-sizes the synthetic elongated cells, 25 cells -> 5; the other three images
 # score 0.94-1.0), 0.9839 with --diameter 20; 0.8561 with attn-unetpp-v1.

@@ -41,7 +41,7 @@ from cellnest.io import atomic_write
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx", "openvino")
-AUTO_ORDER = ("onnx", "openvino")  # tried in this order by "auto" on CPU (docs/speed.md)
+AUTO_ORDER = ("openvino", "onnx")  # tried in this order by "auto" on CPU: fastest first (docs/speed.md)
 EXPORT_VERSION = 1  # part of the cache key: bump when the exported graph changes
 FEATURE_LEVELS = 2  # coarsest resolutions whose conv outputs are pooled (cellnest.sizemodel)
 _MODULES = {"onnx": "onnxruntime", "openvino": "openvino"}
