@@ -134,6 +134,7 @@ def model_card(
     size_bytes: int,
     cpu: str,
     threads: int,
+    backend: str,
 ) -> str:
     """The model card's markdown (pure function of its arguments)."""
     meta = bundle.get("meta", {})
@@ -207,7 +208,7 @@ def model_card(
         "",
         f"- {seconds_per_image:.3f} s per image of that folder (reading and segmentation) and "
         f"{seconds_large:.2f} s for a {speed_side} x {speed_side} RGB image end to end (median of {SPEED_REPEATS}), "
-        f"{threads} torch threads on {cpu}.",
+        f"{threads} threads, backend {backend}, on {cpu}.",
         "",
         "## Limits",
         "",
@@ -279,7 +280,7 @@ def ship_model(
         name=name, bundle=shipped, recipe_text=recipe_text, summary=summary, val_dir=val,
         seconds_per_image=seconds_per_image, speed_side=speed_side, seconds_large=seconds_large, sources=sources,
         command=command, steps_seconds=run_length(source.parent), size_bytes=weights.stat().st_size,
-        cpu=cpu_name(), threads=torch.get_num_threads(),
+        cpu=cpu_name(), threads=torch.get_num_threads(), backend=getattr(segmenter.predictor.models[0].net, "backend", "torch"),
     )
     card = atomic_write(out_dir / f"{name}.md", lambda tmp: tmp.write_text(card_text))
     return Shipped(weights, card, summary, seconds_per_image, speed_side, seconds_large)

@@ -105,9 +105,13 @@ def estimate_diameter(model: nn.Module, size_model: SizeModel, image: np.ndarray
                       device: torch.device | str = "cpu") -> float:
     """Median cell diameter of a raw (H, W, C) image, in its own pixels: the median of the
     size model's predictions on up to ``windows`` native-scale windows (normalised with the
-    whole image's percentile ``bounds``)."""
+    whole image's percentile ``bounds``), no more windows than fit in the image's area, so
+    sizing never reads more pixels than the image has (four overlapping 384-px windows of
+    a 512-px image would read 2.25x the image)."""
+    height, width = image.shape[:2]
+    area_windows = (height * width) // (min(size_model.window, height) * min(size_model.window, width))
     estimates = []
-    for rows, cols in window_slices(image.shape[:2], size_model.window, windows):
+    for rows, cols in window_slices((height, width), size_model.window, max(1, min(windows, area_windows))):
         crop = np.moveaxis(apply_image_percentiles(image[rows, cols], bounds), -1, 0)
         estimates.append(size_model.predict(pooled_features(model, crop, device)))
     return float(np.median(estimates))
