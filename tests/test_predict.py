@@ -84,3 +84,13 @@ def test_image_just_above_the_tile_runs_as_one_window(tiny_model):
     finally:
         hook.remove()
     assert calls == [(1, 3, 70, 66)]
+
+
+def test_windows_run_one_at_a_time_on_the_cpu(tiny_model):
+    calls = []
+    hook = tiny_model.register_forward_hook(lambda _m, inputs, _o: calls.append(inputs[0].shape[0]))
+    try:
+        Predictor(tiny_model, PredictorConfig(tile=32, batch_size=8), device="cpu")(np.zeros((3, 96, 96), np.float32))
+    finally:
+        hook.remove()
+    assert len(calls) > 1 and set(calls) == {1}  # batch_size applies on a GPU; the CPU takes cpu_batch_size (1)

@@ -31,10 +31,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     failed = [r for r in results if r.error]
     seconds = sum(r.seconds for r in done)
     log.info(
-        "segmented %d image(s), %d cell(s), %.2f s/image -> %s",
+        "segmented %d image(s), %d cell(s), %.2f s/image, peak memory %.0f MB -> %s",
         len(done),
         sum(r.cells for r in done),
         seconds / max(len(done), 1),
+        peak_memory_mb(),
         Path(args.out) / "summary.csv",
     )
     if failed:
@@ -169,6 +170,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
         where = f"  model card: {card}" if card is not None and card.is_file() else ""
         print(f"{name}{'  (default)' if name == DEFAULT_MODEL else ''}{where}")
     return 0
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (MB; Linux and macOS report it differently)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def parse_diameter(text: str) -> float | str:

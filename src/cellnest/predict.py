@@ -28,7 +28,10 @@ class PredictorConfig:
 
     tile : window side in pixels; images smaller than a tile run as one window.
     overlap : fraction of a window shared with its neighbour (0 <= overlap < 1).
-    batch_size : windows per forward pass.
+    batch_size : windows per forward pass on a GPU.
+    cpu_batch_size : windows per forward pass on the CPU. One at a time is faster there and
+        bounds memory: a 1.4-MP image in four windows ran 2.23 s and peaked at 1.26 GB
+        with 1, 3.59 s and 3.29 GB with 4 (OpenVINO, 2 threads; docs/speed.md).
     tta : also predict the horizontal, vertical and both flips and average (4x the cost).
     blend : "gaussian" weights window centres over edges (MONAI, sigma = tile / 8);
         "constant" averages uniformly.
@@ -40,6 +43,7 @@ class PredictorConfig:
     tile: int = 256
     overlap: float = 0.25
     batch_size: int = 4
+    cpu_batch_size: int = 1
     tta: bool = False
     blend: str = "gaussian"
     channels_last: bool | None = None
@@ -50,8 +54,8 @@ class PredictorConfig:
             raise ValueError(f"predictor tile must be >= 16 pixels, got {self.tile}")
         if not 0 <= self.overlap < 1:
             raise ValueError(f"predictor overlap must be in [0, 1), got {self.overlap}")
-        if self.batch_size < 1:
-            raise ValueError(f"predictor batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size < 1 or self.cpu_batch_size < 1:
+            raise ValueError(f"predictor batch sizes must be >= 1, got {self.batch_size} and {self.cpu_batch_size}")
         if self.blend not in BLEND_MODES:
             raise ValueError(f"predictor blend must be one of {BLEND_MODES}, got {self.blend!r}")
 
@@ -172,7 +176,7 @@ class Predictor:
         probs = sliding_window_inference(
             x,
             roi_size=roi,
-            sw_batch_size=self.config.batch_size,
+            sw_batch_size=self.config.batch_size if self.device.type != "cpu" else self.config.cpu_batch_size,
             predictor=self._window_probabilities,
             overlap=self.config.overlap,
             mode=self.config.blend,
