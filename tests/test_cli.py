@@ -100,3 +100,17 @@ def test_quick_commands_do_not_import_torch(argv):
             "assert 'torch' not in sys.modules, 'torch was imported'" % (argv,))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-500:]
+
+
+def test_any_exception_ends_in_one_line(monkeypatch, capsys):
+    """Errors outside ValueError/OSError (here an IndexError deep inside) still give one line, no traceback."""
+    import cellnest.cli as cli
+
+    def broken(_args):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(cli, "_cmd_models", broken)
+    monkeypatch.delenv("CELLNEST_DEBUG", raising=False)
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["cellnest: error: IndexError: list index out of range (set CELLNEST_DEBUG=1 for the traceback)"]

@@ -142,3 +142,14 @@ def test_bad_label_files(tmp_path, array, message):
     tifffile.imwrite(path, array, photometric="minisblack")
     with pytest.raises(ImageReadError, match=message):
         read_labels(path)
+
+
+@pytest.mark.parametrize("compression", ["lzw", "zlib", "packbits"])
+def test_compressed_tiffs_are_read(tmp_path, compression):
+    """LZW is what microscopes and Fiji write most; it needs imagecodecs (a dependency)."""
+    import tifffile
+
+    array = (np.arange(64 * 48) % 251).astype(np.uint8).reshape(64, 48)
+    tifffile.imwrite(tmp_path / "image.tif", array, compression=compression)
+    image = read_image(tmp_path / "image.tif", dtype=None)
+    assert image.shape == (64, 48, 3) and np.array_equal(image[..., 0], array)

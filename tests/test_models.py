@@ -7,7 +7,7 @@ import torch
 from cellnest.cli import main
 from cellnest.data import TargetConfig
 from cellnest.io import read_labels
-from cellnest.models import ModelFileError, load_segmenter, read_model_file, save_model
+from cellnest.models import ClassicalSegmenter, ModelFileError, Segmenter, SizeInfo, load_segmenter, read_model_file, save_model
 from cellnest.nets import build_model
 from cellnest.postprocess import PostprocessConfig
 from cellnest.predict import PredictorConfig
@@ -102,3 +102,29 @@ def test_tune_command_chooses_post_processing(tmp_path, synthetic_folder, monkey
     assert set(meta["postprocess_methods_f1"]) == {"components", "closing", "watershed"}
     assert meta["postprocess_tuned_f1"] == max(meta["postprocess_methods_f1"].values())
     assert main(argv[:-4] + ["--out", str(tmp_path / "m.pt")]) == 2  # never overwrites its input
+
+
+class _Phantom(Segmenter):
+    """Finds one cell everywhere: stands in for a network that hallucinates on no signal."""
+
+    def segment_normalized(self, image):
+        return np.ones(image.shape[:2], np.int32)
+
+
+@pytest.mark.parametrize("image", [np.zeros((64, 64, 3), np.uint8), np.full((64, 64, 3), 77, np.uint16),
+                                   np.ones((64, 64, 3), bool), np.full((64, 64, 3), -3.5, np.float32)])
+def test_blank_or_constant_image_gives_zero_cells(image, caplog):
+    with caplog.at_level("WARNING", logger="cellnest.models"):
+        labels, size = _Phantom().run(image)
+    assert labels.shape == (64, 64) and labels.max() == 0 and size == SizeInfo()
+    assert "no contrast" in caplog.text
+
+
+@pytest.mark.parametrize("dtype, top", [(np.uint8, 255), (np.float32, 1.0)])
+def test_two_level_image_keeps_its_cells(dtype, top):
+    from cellnest.synthetic import SyntheticSpec, synthetic_cells
+
+    _, truth = synthetic_cells(SyntheticSpec(shape=(128, 128), n_cells=12, min_gap=1.2), seed=4)
+    binary = np.repeat(((truth > 0) * top).astype(dtype)[..., None], 3, axis=-1)  # 0/255 mask-like image
+    found = ClassicalSegmenter()(binary)
+    assert found.max() >= 0.8 * truth.max()

@@ -27,3 +27,14 @@ def test_write_failures_are_reported_in_input_order(tmp_path, synthetic_folder):
     assert len(list(out.glob("*_overlay.png"))) == len(names) - 1
     with open(out / "summary.csv") as fh:
         assert [row["name"] for row in csv.DictReader(fh)] == [r.name for r in results]
+
+
+def test_symlink_loop_fails_that_input_only(tmp_path, synthetic_folder):
+    inputs = tmp_path / "in"
+    shutil.copytree(synthetic_folder / "images", inputs)
+    (inputs / "a.tif").symlink_to(inputs / "b.tif")
+    (inputs / "b.tif").symlink_to(inputs / "a.tif")
+    results = segment_files([str(inputs / "*.tif"), str(inputs)], tmp_path / "out", ClassicalSegmenter(), progress=False)
+    failed = {r.name: r.error for r in results if r.error}
+    assert set(failed) == {"a", "b"} and all("symlink loop" in e for e in failed.values())
+    assert sum(1 for r in results if not r.error) == len(list((synthetic_folder / "images").iterdir()))

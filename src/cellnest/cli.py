@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -334,3 +335,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cellnest: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("cellnest: error: out of memory (a smaller --tile, or an image split into parts, needs less)", file=sys.stderr)
+        return 2
+    except Exception as err:  # anything else still ends in one line; CELLNEST_DEBUG=1 shows the traceback
+        if os.environ.get("CELLNEST_DEBUG"):
+            raise
+        message = " ".join(str(err).split())[:300] or "no message"
+        print(f"cellnest: error: {type(err).__name__}: {message} (set CELLNEST_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1

@@ -127,6 +127,9 @@ class Segmenter:
             raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
         with stage("normalise"):
             bounds = image_percentiles(image, self.lower_percentile, self.upper_percentile)
+        if all(b is None or not b[1] > b[0] for b in bounds):  # blank or constant: nothing to segment
+            log.warning("image %s has no contrast (blank or constant): no cells", "x".join(map(str, image.shape)))
+            return np.zeros(image.shape[:2], np.int32), SizeInfo()
         if self.diameter is None:
             return self.segment_at(image, bounds, 1.0, progress), SizeInfo()
         if self.diameter != "auto":

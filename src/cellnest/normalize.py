@@ -43,7 +43,8 @@ def _histogram_percentiles(counts: np.ndarray, qs: tuple[float, ...]) -> list[fl
 def channel_percentiles(channel: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> tuple[float, float] | None:
     """The ``lower`` and ``upper`` percentiles of a channel's non-zero pixels.
 
-    Returns None for an all-zero channel. uint8/uint16 (and small non-negative ints) are
+    Returns None for an all-zero channel. Flat non-zero percentiles in a channel that also
+    has zeros (a two-level image) are widened to include 0 (:func:`_two_level`). uint8/uint16 (and small non-negative ints) are
     counted exactly by histogram; other dtypes use ``np.percentile``.
     """
     _check(lower, upper)
@@ -53,13 +54,23 @@ def channel_percentiles(channel: np.ndarray, lower: float = 1.0, upper: float = 
         if top <= _HISTOGRAM_MAX_VALUE:
             if top == 0:
                 return None
-            lo, hi = _histogram_percentiles(np.bincount(channel.ravel(), minlength=top + 1), (lower, upper))
-            return float(lo), float(hi)
+            counts = np.bincount(channel.ravel(), minlength=top + 1)
+            lo, hi = _histogram_percentiles(counts, (lower, upper))
+            return _two_level(float(lo), float(hi), bool(counts[0]))
     nonzero = channel[channel != 0]
     if nonzero.size == 0:
         return None
     lo, hi = np.percentile(nonzero.astype(np.float64), [lower, upper])
-    return float(lo), float(hi)
+    return _two_level(float(lo), float(hi), nonzero.size < channel.size)
+
+
+def _two_level(lo: float, hi: float, has_zeros: bool) -> tuple[float, float]:
+    """Percentiles of the non-zero pixels, widened to include 0 when they are flat but the
+    channel also has zeros: a binary 0/255 (or mask-like) image then maps to 0 and 1
+    instead of all zeros, which lost its cells and left the network to invent some."""
+    if hi <= lo and has_zeros:
+        return min(0.0, lo), max(0.0, hi)
+    return lo, hi
 
 
 def apply_percentiles(channel: np.ndarray, bounds: tuple[float, float] | None) -> np.ndarray:

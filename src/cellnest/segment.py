@@ -54,7 +54,8 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list
     Returns
     -------
     paths : unique image files, in the order given (folders and globs sorted).
-    missing : a failed :class:`ImageResult` for every input that matched nothing.
+    missing : a failed :class:`ImageResult` for every input that matched nothing or whose
+        path cannot be resolved (a symlink loop, a dangling link).
     """
     paths: list[Path] = []
     missing: list[ImageResult] = []
@@ -73,8 +74,14 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list
         paths.extend(found)
     unique, seen = [], set()
     for p in paths:
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
+        try:
+            real = p.resolve(strict=True)
+        except (OSError, RuntimeError) as err:  # a symlink loop or a dangling link: that input fails, not the batch
+            reason = "symlink loop" if "loop" in str(err).lower() or getattr(err, "errno", None) == 40 else "cannot resolve the path"
+            missing.append(ImageResult(str(p), p.stem, error=f"{p}: {reason}"))
+            continue
+        if real not in seen:
+            seen.add(real)
             unique.append(p)
     return unique, missing
 
