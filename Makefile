@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cellnest segment demo/images --out demo/output --overlay
+	$(BIN)/cellnest segment demo/images --out demo/output --overlay --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

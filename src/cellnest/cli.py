@@ -27,7 +27,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     segmenter = load_segmenter(args.model or [DEFAULT_MODEL], device=args.device, predictor=overrides, diameter=args.diameter,
                                estimator=args.estimator, backend=args.backend)
     outputs = Outputs(overlay=args.overlay, measure=args.measure, geojson=args.geojson)
-    results = segment_files(args.inputs, args.out, segmenter, outputs, progress=not args.quiet)
+    results = segment_files(args.inputs, args.out, segmenter, outputs, progress=not args.quiet, overwrite=args.overwrite)
     done = [r for r in results if not r.error]
     failed = [r for r in results if r.error]
     seconds = sum(r.seconds for r in done)
@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "torch", "onnx", "openvino"), default="auto",
                    help="what runs the network: auto (the fastest installed runtime on CPU, PyTorch on CUDA), torch, "
                    "onnx (ONNX Runtime) or openvino; a missing runtime falls back to PyTorch with a note")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist in --out (never "
+                   "allowed in a folder holding ground truth)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png with cell outlines")
     p.add_argument("--measure", action="store_true", help="also write <name>_cells.csv with per-cell measurements")
     p.add_argument("--geojson", action="store_true", help="also write <name>_cells.geojson polygons for QuPath")

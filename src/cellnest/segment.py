@@ -111,6 +111,17 @@ class Outputs:
     geojson: bool = False  # <name>_cells.geojson: polygons for QuPath
 
 
+class OutputExistsError(ValueError):
+    """An output folder whose files this run would replace, or that holds ground truth."""
+
+
+def _suffixes(outputs: "Outputs") -> list[str]:
+    """File-name endings one image writes with these ``outputs``."""
+    chosen = [(True, "_label.tiff"), (outputs.overlay, "_overlay.png"), (outputs.measure, "_cells.csv"),
+              (outputs.geojson, "_cells.geojson")]
+    return [suffix for wanted, suffix in chosen if wanted]
+
+
 PREFETCH_MAX_BYTES = 256 * 2**20  # files larger than this are read when their turn comes, not ahead
 
 
@@ -120,8 +131,14 @@ def segment_files(
     segmenter: Segmenter,
     outputs: Outputs = Outputs(),
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[ImageResult]:
     """Segment every image of ``inputs`` into ``out_dir``.
+
+    Existing files are never replaced unless ``overwrite``: if any output of this run
+    (``summary.csv`` or an image's files) already exists, nothing is done and
+    :class:`OutputExistsError` names it. A folder that holds ground truth (``labels/``
+    beside ``images/``, or one with a ``manifest.csv``) is refused even with ``overwrite``.
 
     Reading and writing overlap with segmentation: the next file is read by one thread
     while the current image is segmented (files up to ``PREFETCH_MAX_BYTES``, so at most
@@ -136,8 +153,16 @@ def segment_files(
     existing file in an input folder (e.g. ground truth ``<name>_label.tiff``), is refused.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "manifest.csv").exists() or (out_dir.name == "labels" and (out_dir.parent / "images").is_dir()):
+        raise OutputExistsError(f"{out_dir}: holds ground truth (a dataset's labels or manifest); choose another --out")
     paths, results = expand_inputs(inputs)
+    if not overwrite:
+        planned = [out_dir / "summary.csv"] + [out_dir / f"{p.stem}{suffix}" for p in paths for suffix in _suffixes(outputs)]
+        existing = next((t for t in planned if t.exists() or t.is_symlink()), None)
+        if existing is not None:
+            raise OutputExistsError(f"{existing}: exists; cellnest never replaces files it did not write in this run "
+                                    "(use --overwrite, or another --out)")
+    out_dir.mkdir(parents=True, exist_ok=True)
     for spec in results:
         log.error(spec.error)
     guard = _OutputGuard({p.resolve() for p in paths}, out_dir.resolve() in {p.resolve().parent for p in paths})
