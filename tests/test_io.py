@@ -153,3 +153,21 @@ def test_compressed_tiffs_are_read(tmp_path, compression):
     tifffile.imwrite(tmp_path / "image.tif", array, compression=compression)
     image = read_image(tmp_path / "image.tif", dtype=None)
     assert image.shape == (64, 48, 3) and np.array_equal(image[..., 0], array)
+
+
+def test_colour_layouts_follow_the_readme(tmp_path):
+    from PIL import Image
+
+    grey = (np.arange(40 * 30) % 200).astype(np.uint8).reshape(40, 30)
+    Image.fromarray(np.stack([grey, np.full_like(grey, 255)], -1), mode="LA").save(tmp_path / "grey_alpha.png")
+    image = read_image(tmp_path / "grey_alpha.png", dtype=None)
+    assert image.shape == (40, 30, 3) and all(np.array_equal(image[..., c], grey) for c in range(3))  # alpha dropped
+
+    rgb = np.zeros((40, 30, 3), np.uint8)
+    rgb[..., 0] = 220  # red
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    image = read_image(tmp_path / "cmyk.jpg", dtype=None)
+    assert image[..., 0].mean() > 180 and image[..., 1].mean() < 60  # red stays red, not inverted
+
+    tifffile.imwrite(tmp_path / "narrow.tif", np.zeros((3, 256, 4), np.uint8), photometric="minisblack")
+    assert read_image(tmp_path / "narrow.tif").shape == (256, 4, 3)  # channel-first, 4 px wide

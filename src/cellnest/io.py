@@ -54,9 +54,7 @@ def _read_array(path: Path) -> np.ndarray:
 
             array = tifffile.imread(path)
         else:
-            import imageio.v3 as iio
-
-            array = iio.imread(path, plugin="pillow")  # not every plugin in turn (a legacy one warns)
+            array = _read_with_pillow(path)
     except Exception as err:  # decoders raise many unrelated types; all mean "unreadable"
         raise ImageReadError(path, f"corrupt or not an image ({type(err).__name__}: {err})") from None
     array = np.asarray(array)
@@ -65,6 +63,22 @@ def _read_array(path: Path) -> np.ndarray:
     if array.dtype.kind not in "buif":
         raise ImageReadError(path, f"unsupported pixel type {array.dtype}")
     return array
+
+
+def _read_with_pillow(path: Path) -> np.ndarray:
+    """PNG, BMP or JPEG by Pillow, with its colour mode made explicit: grey+alpha keeps the
+    grey, palette and CMYK become RGB (a CMYK JPEG read as raw channels comes in
+    inverted), RGBA stays (its alpha is dropped later)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.mode in ("LA", "La"):
+            return np.asarray(image.getchannel(0))
+        if image.mode in ("P", "PA"):
+            image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+        elif image.mode in ("CMYK", "YCbCr", "LAB", "HSV", "1"):
+            image = image.convert("L" if image.mode == "1" else "RGB")
+        return np.asarray(image)
 
 
 def _to_channel_last(array: np.ndarray, path: Path) -> np.ndarray:
@@ -78,10 +92,13 @@ def _to_channel_last(array: np.ndarray, path: Path) -> np.ndarray:
     if squeezed.ndim != 3:
         raise ImageReadError(path, f"expected a 2-D image, got a {array.ndim}-D array of shape {array.shape}")
     first, last = squeezed.shape[0], squeezed.shape[-1]
-    if last <= MAX_CHANNELS:
+    # Both ends small (a (3, 256, 4) array): the smaller one is the channel axis.
+    if last <= MAX_CHANNELS and not (first < last):
         return squeezed
     if first <= MAX_CHANNELS:
         return np.moveaxis(squeezed, 0, -1)
+    if last <= MAX_CHANNELS:
+        return squeezed
     raise ImageReadError(
         path, f"looks like a 3-D or time stack (shape {array.shape}); cellnest segments 2-D images with <= {MAX_CHANNELS} channels"
     )
