@@ -96,3 +96,18 @@ def test_cache_reuses_and_invalidates(tmp_path, synthetic_folder):
     changed = cache.load(item, TargetConfig())
     assert changed.meta["cache"] != entry and not (np.asarray(changed.labels) == 1).any()
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_manifest_with_excel_bom_or_wrong_header(tmp_path, synthetic_folder):
+    import shutil
+
+    from cellnest.data import load_folder
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_folder, root)
+    text = (root / "manifest.csv").read_text()
+    (root / "manifest.csv").write_text("\ufeff" + text, encoding="utf-8")  # Excel's "CSV UTF-8"
+    assert {item.modality for item in load_folder(root)} == {item.modality for item in load_folder(synthetic_folder)} != {"unknown"}
+    (root / "manifest.csv").write_text(text.replace("modality", "Modality", 1))
+    with pytest.raises(ValueError, match=r"manifest.csv: needs the columns 'name' and 'modality'"):
+        load_folder(root)

@@ -60,13 +60,20 @@ def label_path_for(labels_dir: Path, name: str) -> Path | None:
     return None
 
 
-def read_csv_column(path: Path, column: str) -> dict[str, str]:
-    """Map ``name`` -> ``column`` from a CSV with a ``name`` header; {} if absent."""
+def read_csv_column(path: Path, column: str, required: bool = False) -> dict[str, str]:
+    """Map ``name`` -> ``column`` from a CSV with a ``name`` header; {} if the file is absent.
+
+    A byte-order mark (Excel's "CSV UTF-8") is skipped. A file that exists but lacks the
+    ``name`` or ``column`` header gives {} for an optional column and, with ``required``,
+    a ValueError naming the file and the headers it has (not every modality "unknown").
+    """
     if not path.is_file():
         return {}
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames is None or "name" not in reader.fieldnames or column not in reader.fieldnames:
+            if required:
+                raise ValueError(f"{path}: needs the columns 'name' and '{column}', has {reader.fieldnames or 'none'}")
             return {}
         return {row["name"]: row[column] for row in reader if row.get(column)}
 
@@ -88,7 +95,7 @@ def load_folder(root: str | os.PathLike, require_labels: bool = False) -> list[I
         raise FileNotFoundError(f"{root}: dataset folder not found")
     images_dir = root / "images" if (root / "images").is_dir() else root
     labels_dir = root / "labels"
-    modality = read_csv_column(root / "manifest.csv", "modality")
+    modality = read_csv_column(root / "manifest.csv", "modality", required=True)
     source = read_csv_column(root / "manifest.csv", "source")
     group = read_csv_column(root / "split_decisions.csv", "group") or read_csv_column(
         root.parent / "split_decisions.csv", "group"

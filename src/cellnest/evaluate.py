@@ -81,7 +81,7 @@ def evaluate_folders(
     manifest_path = Path(manifest) if manifest is not None else _default_manifest(gt)
     if manifest_path is not None and not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path}: manifest not found")
-    modality = read_csv_column(manifest_path, "modality") if manifest_path else {}
+    modality = read_csv_column(manifest_path, "modality", required=True) if manifest_path else {}
     scores, missing = [], []
     for name, gt_path in tqdm(truth.items(), desc="evaluate", unit="img", disable=not progress):
         true = read_labels(gt_path)

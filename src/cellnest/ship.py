@@ -60,7 +60,7 @@ def training_sources(train_dir: str | os.PathLike) -> list[tuple[str, str, str, 
     path = Path(train_dir) / "manifest.csv"
     if not path.is_file():
         raise ValueError(f"{path}: not found (the card lists the training sources and their licences from it)")
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = {"source", "modality", "license"} - set(reader.fieldnames or [])
         if missing:
