@@ -114,3 +114,15 @@ def test_any_exception_ends_in_one_line(monkeypatch, capsys):
     assert main(["models"]) == 1
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["cellnest: error: IndexError: list index out of range (set CELLNEST_DEBUG=1 for the traceback)"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--recipe", "unet", "--data", "x", "--out", "y", "--steps", "-1"], "--steps: expected 1.., got -1"),
+    (["segment", "x", "--out", "y", "--tile", "4"], "--tile: expected 16..8192, got 4"),
+    (["ship", "run", "--name", "n", "--val", "v", "--speed-side", "200000"], "--speed-side: expected 64..8192, got 200000"),
+    (["tune", "--model", "m", "--data", "d", "--out", "o", "--limit", "-1"], "--limit: expected 1.., got -1"),
+])
+def test_out_of_range_numbers_are_refused_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

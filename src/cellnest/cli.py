@@ -173,6 +173,21 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def bounded_int(low: int, high: int | None = None):
+    """argparse type: an integer in [low, high], else a one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {low}..{high if high is not None else ''}, got {value}")
+        return value
+
+    return parse
+
+
 def peak_memory_mb() -> float:
     """Peak resident memory of this process (MB; Linux and macOS report it differently)."""
     import resource
@@ -196,8 +211,8 @@ def parse_diameter(text: str) -> float | str:
 
 def _add_run_options(p: argparse.ArgumentParser, per: str) -> None:
     """Budget, overrides, resume, device and cache options of the training commands."""
-    p.add_argument("--epochs", type=int, help=f"stop after this many epochs{per} (default: the recipe's)")
-    p.add_argument("--steps", type=int, help=f"stop after this many optimiser steps{per}")
+    p.add_argument("--epochs", type=bounded_int(1), help=f"stop after this many epochs{per} (default: the recipe's)")
+    p.add_argument("--steps", type=bounded_int(1), help=f"stop after this many optimiser steps{per}")
     p.add_argument("--time-budget", help=f"stop after this much wall-clock time{per}, e.g. 30m, 2h, 1h30m")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a recipe value (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint(s)")
@@ -221,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "repeat to ensemble",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--tile", type=int, help="sliding-window tile size in pixels (default: the model's)")
+    p.add_argument("--tile", type=bounded_int(16, 8192), help="sliding-window tile size in pixels (default: the model's)")
     p.add_argument("--overlap", type=float, help="sliding-window overlap fraction (default: the model's)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (4x slower)")
     p.add_argument("--diameter", type=parse_diameter, help="typical cell diameter in pixels, 'auto' (estimated per "
@@ -249,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write synthetic images with labels (challenge layout)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--count", type=int, default=None, help="number of images (default: the 4 demo looks)")
+    p.add_argument("--count", type=bounded_int(1), default=None, help="number of images (default: the 4 demo looks)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_synth)
 
@@ -258,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="labelled training folder (challenge layout)")
     p.add_argument("--val", help="labelled validation folder (ignored with --fold/--folds)")
     p.add_argument("--out", required=True, help="run folder (never overwritten; see --resume)")
-    p.add_argument("--fold", type=int, help="train one grouped cross-validation fold (0-based)")
+    p.add_argument("--fold", type=bounded_int(0), help="train one grouped cross-validation fold (0-based)")
     p.add_argument("--folds", choices=["all"], help="train every fold, then write folds.md")
     p.add_argument("--init", help="fine-tune: start from this model (shipped name, .pt or run folder) of the recipe's network")
     p.add_argument("--plan", help="plan.yaml from `cellnest plan`: its cell diameter, patch and batch size (before --set)")
@@ -279,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", help="labelled validation folder")
     p.add_argument("--out", required=True, help="run folder: round0 (teacher), round1, ... and selftrain.md")
     p.add_argument("--method", choices=["pseudo_label", "consistency"], help="override the recipe's method")
-    p.add_argument("--rounds", type=int, help="student rounds after the teacher (default: the recipe's)")
+    p.add_argument("--rounds", type=bounded_int(1), help="student rounds after the teacher (default: the recipe's)")
     p.add_argument("--teacher", help="start from this model file instead of training round 0")
     p.add_argument("--overlays", type=int, metavar="N",
                    help="outline overlays of N pseudo-labelled images per round, for a glance (default: the recipe's, 4; 0 = none)")
@@ -304,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="labelled folder (challenge layout)")
     p.add_argument("--out", required=True, help="where the re-tuned model file goes (not the input)")
     p.add_argument("--methods", nargs="+", default=["components", "closing", "watershed"], help="methods to try")
-    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--limit", type=bounded_int(1), help="use only the first N images")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_tune)
 
@@ -316,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-data", help="the training folder, whose manifest.csv lists sources and licences")
     p.add_argument("--command", help="the command that trained the run, quoted in the card")
     p.add_argument("--force", action="store_true", help="replace an existing NAME.pt and NAME.md")
-    p.add_argument("--speed-side", type=int, default=1000, help="side of the synthetic image timed for the card (pixels)")
-    p.add_argument("--tile", type=int, help="store this sliding-window tile (pixels) instead of the run's")
+    p.add_argument("--speed-side", type=bounded_int(64, 8192), default=1000, help="side of the synthetic image timed for the card (pixels)")
+    p.add_argument("--tile", type=bounded_int(16, 8192), help="store this sliding-window tile (pixels) instead of the run's")
     p.add_argument("--overlap", type=float, help="store this window overlap (0-1) instead of the run's")
     p.set_defaults(func=_cmd_ship)
 
