@@ -52,6 +52,14 @@ def available_backends() -> list[str]:
     return ["torch", *(b for b, module in _MODULES.items() if importlib.util.find_spec(module) is not None)]
 
 
+def coarsest_positions(sizes: list[int]) -> list[int]:
+    """Positions, among conv outputs of spatial ``sizes`` (in the order they ran), of those
+    at the ``FEATURE_LEVELS`` coarsest resolutions: the size model's features (one rule for
+    the PyTorch hooks and the exported graph)."""
+    coarsest = sorted(set(sizes))[:FEATURE_LEVELS]
+    return [i for i, size in enumerate(sizes) if size in coarsest]
+
+
 class FeatureTap(nn.Module):
     """The network proper with a second output for the size model.
 
@@ -67,9 +75,7 @@ class FeatureTap(nn.Module):
         self.convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
         with torch.no_grad():
             outputs = self._run(torch.zeros(1, net_in_channels(net), probe, probe))[1]
-        sizes = [o.shape[-2] * o.shape[-1] for o in outputs]
-        coarsest = sorted(set(sizes))[:FEATURE_LEVELS]
-        self.keep = [i for i, size in enumerate(sizes) if size in coarsest]
+        self.keep = coarsest_positions([o.shape[-2] * o.shape[-1] for o in outputs])
 
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         outputs: list[torch.Tensor] = []

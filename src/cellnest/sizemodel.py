@@ -34,7 +34,7 @@ from cellnest.data import Item
 from cellnest.diameter import interior_median_diameter, rescale_image, resize_labels, window_slices
 from cellnest.io import read_image, read_labels
 from cellnest.normalize import apply_image_percentiles, image_percentiles
-from cellnest.runtime import FEATURE_LEVELS, RuntimeNet
+from cellnest.runtime import RuntimeNet, coarsest_positions
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @torch.inference_mode()
 def pooled_features(model: nn.Module, image: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
-    """Spatial means of the outputs of every ``Conv2d`` at the network's ``FEATURE_LEVELS`` coarsest
+    """Spatial means of the outputs of every ``Conv2d`` at the network's ``cellnest.runtime.FEATURE_LEVELS`` coarsest
     resolutions, for one normalised (C, H, W) float32 image -> (F,) float64.
 
     F depends only on the network, not on the image size (spatial means). A network run
@@ -69,8 +69,8 @@ def pooled_features(model: nn.Module, image: np.ndarray, device: torch.device | 
         for h in hooks:
             h.remove()
         model.train(was_training)
-    sizes = sorted({size for size, _ in outputs})[:FEATURE_LEVELS]
-    return torch.cat([v for size, v in outputs if size in sizes]).cpu().numpy().astype(np.float64)
+    keep = coarsest_positions([size for size, _ in outputs])
+    return torch.cat([outputs[i][1] for i in keep]).cpu().numpy().astype(np.float64)
 
 
 @dataclass(frozen=True)
