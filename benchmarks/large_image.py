@@ -59,10 +59,13 @@ def main() -> None:
         folder = args.workdir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        image_path, truth_path = make_large_image(args.side, folder)
-        print(f"made {args.side}x{args.side} image in {time.perf_counter() - start:.0f} s")
+        image_path, truth_path = folder / "large.tif", folder / "large_truth_label.tiff"
+        if not (image_path.is_file() and truth_path.is_file() and tifffile.TiffFile(image_path).pages[0].shape == (args.side,) * 2):
+            image_path, truth_path = make_large_image(args.side, folder)
+            print(f"made {args.side}x{args.side} image in {time.perf_counter() - start:.0f} s")
         out = folder / "out"
-        command = [sys.executable, "-m", "cellnest", "-q", "segment", str(image_path), "--out", str(out), "--model", args.model]
+        command = [sys.executable, "-m", "cellnest", "-q", "segment", str(image_path), "--out", str(out), "--model", args.model,
+                   "--overwrite", "--max-pixels", str(max(args.side**2, 1))]
         start = time.perf_counter()
         subprocess.run(command, check=True)
         seconds = time.perf_counter() - start

@@ -99,7 +99,7 @@ def test_fixed_diameter_runs_at_the_model_scale_and_returns_at_the_input_size():
     segmenter = ClassicalSegmenter(cell_diameter=20.0, diameter=10.0)
     seen = []
     segment = segmenter.segment_normalized
-    segmenter.segment_normalized = lambda im: seen.append(im.shape) or segment(im)
+    segmenter.segment_normalized = lambda im, tile=None: seen.append(im.shape) or segment(im, tile)
     found, size = segmenter.run(image)
     assert seen == [(128, 128, 3)] and found.shape == (64, 64) and size.scale == 2.0 and size.diameter == 10.0
     assert median_diameter(found) == pytest.approx(10.0, rel=0.15)

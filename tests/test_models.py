@@ -107,7 +107,7 @@ def test_tune_command_chooses_post_processing(tmp_path, synthetic_folder, monkey
 class _Phantom(Segmenter):
     """Finds one cell everywhere: stands in for a network that hallucinates on no signal."""
 
-    def segment_normalized(self, image):
+    def segment_normalized(self, image, tile=None):
         return np.ones(image.shape[:2], np.int32)
 
 
@@ -128,3 +128,20 @@ def test_two_level_image_keeps_its_cells(dtype, top):
     binary = np.repeat(((truth > 0) * top).astype(dtype)[..., None], 3, axis=-1)  # 0/255 mask-like image
     found = ClassicalSegmenter()(binary)
     assert found.max() >= 0.8 * truth.max()
+
+
+def test_blocks_bound_the_network_window(tmp_path):
+    """A huge image goes block by block with windows of at most ``block_tile``; a whole
+    image keeps the model's own tile."""
+    _save_tiny(tmp_path / "m.pt")  # tile 64
+    segmenter = load_segmenter(str(tmp_path / "m.pt"), device="cpu", backend="torch")
+    segmenter.block_tile, segmenter.block, segmenter.max_whole_pixels = 32, 96, 100 * 100
+    windows = []
+    net = segmenter.predictor.models[0]
+    net.register_forward_pre_hook(lambda module, args: windows.append(tuple(args[0].shape[-2:])))
+    image = np.random.default_rng(0).integers(0, 255, (90, 90, 3), np.uint8)
+    segmenter(image)
+    assert windows and max(max(w) for w in windows) > 32  # whole: windows of the model's own tile (64)
+    windows.clear()
+    segmenter(np.tile(image, (2, 2, 1)))  # 180 x 180 > max_whole_pixels: blocks
+    assert windows and max(max(w) for w in windows) <= 32

@@ -56,7 +56,7 @@ def test_ensemble_averages_probabilities():
 
 @pytest.mark.parametrize(
     "values, message",
-    [({"tile": 8}, "tile must be >= 16"), ({"overlap": 1.0}, "overlap"), ({"blend": "max"}, "blend"), ({"tiles": 3}, "unknown predictor setting")],
+    [({"tile": 8}, "tile must be 16..8192"), ({"tile": 8193}, "tile must be 16..8192"), ({"overlap": 1.0}, "overlap"), ({"blend": "max"}, "blend"), ({"tiles": 3}, "unknown predictor setting")],
 )
 def test_bad_predictor_settings(values, message):
     with pytest.raises(ValueError, match=message):

@@ -9,11 +9,15 @@ Where two blocks' cells overlap at a seam the first written keeps the pixel. Cel
 above the largest cell size.
 
 Peak memory is the output label map (int32, 4 bytes per pixel), the caller's raw image,
-and one block's working set, whatever the image size.
+and one block's working set, whatever the image size. After each block the C heap's freed
+pages are handed back to the system (:func:`release_freed_memory`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 from typing import Callable, Iterator
 
@@ -26,6 +30,27 @@ from cellnest.timing import stage
 log = logging.getLogger(__name__)
 
 BlockSegmenter = Callable[[np.ndarray], np.ndarray]
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        return None
+
+
+def release_freed_memory() -> None:
+    """Return the C heap's free pages to the system (glibc's ``malloc_trim``).
+
+    Why by hand: a block allocates hundreds of mid-sized arrays from several threads, and
+    glibc keeps their freed pages in per-thread arenas, so the resident size crept up
+    block after block. Trimming after each block kept a 6000 x 6000 image's peak at 1.42
+    GiB instead of 1.75 GiB, at no measurable cost (docs/reliability.md).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def block_grid(shape: tuple[int, int], block: int, margin: int) -> Iterator[tuple[slice, slice, slice, slice]]:
@@ -85,6 +110,8 @@ def segment_in_blocks(
         with stage("normalise"):
             normalised = apply_image_percentiles(image[outer_r, outer_c], bounds)
         labels = np.asarray(segment_block(normalised))
+        del normalised
+        release_freed_memory()
         if labels.max() == 0:
             continue
         mean_r, mean_c = centroids(labels)

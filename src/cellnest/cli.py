@@ -21,13 +21,16 @@ log = logging.getLogger("cellnest")
 def _cmd_segment(args: argparse.Namespace) -> int:
     from cellnest.catalog import DEFAULT_MODEL
     from cellnest.models import load_segmenter
+    from cellnest.predict import resolve_device
     from cellnest.segment import Outputs, segment_files
 
+    resolve_device(args.device)  # a bad --device fails before any work, whatever the model
     overrides = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap), ("tta", args.tta or None)) if v is not None}
     segmenter = load_segmenter(args.model or [DEFAULT_MODEL], device=args.device, predictor=overrides, diameter=args.diameter,
                                estimator=args.estimator, backend=args.backend)
     outputs = Outputs(overlay=args.overlay, measure=args.measure, geojson=args.geojson)
-    results = segment_files(args.inputs, args.out, segmenter, outputs, progress=not args.quiet, overwrite=args.overwrite)
+    results = segment_files(args.inputs, args.out, segmenter, outputs, progress=not args.quiet, overwrite=args.overwrite,
+                            max_pixels=args.max_pixels)
     done = [r for r in results if not r.error]
     failed = [r for r in results if r.error]
     seconds = sum(r.seconds for r in done)
@@ -45,12 +48,16 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from cellnest.evaluate import evaluate_folders, write_evaluation
+    from cellnest.evaluate import EVALUATION_FILES, evaluate_folders, write_evaluation
+    from cellnest.io import refuse_existing
     from cellnest.metrics import format_table
 
-    evaluation = evaluate_folders(args.pred, args.gt, args.manifest, args.keep_border_cells, progress=not args.quiet)
-    out = args.out if args.out is not None else args.pred
-    csv_path, json_path = write_evaluation(evaluation, out)
+    out = Path(args.out if args.out is not None else args.pred)
+    if not args.overwrite:  # before the scoring, not after it
+        refuse_existing([out / name for name in EVALUATION_FILES])
+    evaluation = evaluate_folders(args.pred, args.gt, args.manifest, args.keep_border_cells, progress=not args.quiet,
+                                  max_pixels=args.max_pixels)
+    csv_path, json_path = write_evaluation(evaluation, out, overwrite=args.overwrite)
     print(format_table(evaluation.summary))
     if evaluation.missing:
         print(f"missing predictions ({len(evaluation.missing)}, scored F1 = 0): {', '.join(evaluation.missing)}")
@@ -188,6 +195,28 @@ def bounded_int(low: int, high: int | None = None):
     return parse
 
 
+def pixel_count(text: str) -> int:
+    """argparse type for ``--max-pixels``: ``268435456``, ``2.7e8`` or ``16384x16384``."""
+    try:
+        sides = [float(part) for part in text.lower().replace("_", "").split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a pixel count such as 268435456, 2.7e8 or 16384x16384, got {text!r}") from None
+    value = 1.0
+    for side in sides:
+        value *= side
+    if len(sides) > 2 or not 1 <= value <= 1e13:
+        raise argparse.ArgumentTypeError(f"expected a pixel count from 1 to 1e13 (or HxW), got {text!r}")
+    return int(value)
+
+
+def add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    from cellnest.io import MAX_PIXELS
+
+    parser.add_argument("--max-pixels", type=pixel_count, default=MAX_PIXELS, metavar="N",
+                        help=f"refuse images above N pixels (height x width; also 20000x20000), checked from the file "
+                        f"header before decoding (default {MAX_PIXELS}, 16384x16384)")
+
+
 def peak_memory_mb() -> float:
     """Peak resident memory of this process (MB; Linux and macOS report it differently)."""
     import resource
@@ -204,7 +233,7 @@ def parse_diameter(text: str) -> float | str:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected 'auto', 'native' or a number of pixels > 0, got {text!r}")
     return value
 
@@ -252,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png with cell outlines")
     p.add_argument("--measure", action="store_true", help="also write <name>_cells.csv with per-cell measurements")
     p.add_argument("--geojson", action="store_true", help="also write <name>_cells.geojson polygons for QuPath")
+    add_max_pixels(p)
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("evaluate", help="score predictions with the NeurIPS 2022 CellSeg F1")
@@ -260,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="CSV with name,modality (default: manifest.csv beside the ground truth)")
     p.add_argument("--out", help="where evaluation.csv/json go (default: the prediction folder)")
     p.add_argument("--keep-border-cells", action="store_true", help="do not drop cells touching the 2-px frame")
+    p.add_argument("--overwrite", action="store_true", help="replace evaluation.csv/json if they exist")
+    add_max_pixels(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("synth", help="write synthetic images with labels (challenge layout)")

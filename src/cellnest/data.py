@@ -18,6 +18,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -164,7 +165,7 @@ class TargetConfig:
             raise ValueError(f"need 0 <= lower_percentile < upper_percentile <= 100, got {self.lower_percentile}, {self.upper_percentile}")
         if not isinstance(self.boundary_width, int) or self.boundary_width < 1:
             raise ValueError(f"boundary_width must be an integer >= 1, got {self.boundary_width!r}")
-        if self.sigma <= 0 or self.w0 < 0:
+        if not (0 < self.sigma < math.inf and 0 <= self.w0 < math.inf):  # written so that NaN fails too
             raise ValueError(f"need sigma > 0 and w0 >= 0, got sigma={self.sigma}, w0={self.w0}")
         if self.border_on not in ("background", "all"):
             raise ValueError(f"border_on must be 'background' or 'all', got {self.border_on!r}")

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cellnest.data import Item, label_path_for, read_csv_column
-from cellnest.io import ImageReadError, atomic_write, read_image, read_labels
+from cellnest.io import MAX_PIXELS, ImageReadError, atomic_write, read_image, read_labels, refuse_existing
 from cellnest.metrics import THRESHOLDS, ImageScore, score_image, summarize
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ def evaluate_folders(
     manifest: str | os.PathLike | None = None,
     keep_border_cells: bool = False,
     progress: bool = True,
+    max_pixels: int = MAX_PIXELS,
 ) -> Evaluation:
     """Score every ground-truth image against its prediction.
 
@@ -84,13 +85,13 @@ def evaluate_folders(
     modality = read_csv_column(manifest_path, "modality", required=True) if manifest_path else {}
     scores, missing = [], []
     for name, gt_path in tqdm(truth.items(), desc="evaluate", unit="img", disable=not progress):
-        true = read_labels(gt_path)
+        true = read_labels(gt_path, max_pixels)
         pred_path = label_path_for(pred, name)
         if pred_path is None:
             missing.append(name)
             predicted = np.zeros_like(true)
         else:
-            predicted = read_labels(pred_path)
+            predicted = read_labels(pred_path, max_pixels)
             if predicted.shape != true.shape:
                 raise ImageReadError(pred_path, f"shape {predicted.shape} differs from ground truth {gt_path} {true.shape}")
         scores.append(score_image(true, predicted, name, modality.get(name, "unknown"), THRESHOLDS, keep_border_cells))
@@ -99,9 +100,17 @@ def evaluate_folders(
     return Evaluation(scores, missing, summarize(scores))
 
 
-def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``evaluation.csv`` (one row per image) and ``evaluation.json`` (summary)."""
+EVALUATION_FILES = ("evaluation.csv", "evaluation.json")
+
+
+def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write ``evaluation.csv`` (one row per image) and ``evaluation.json`` (summary).
+
+    Existing files are replaced only with ``overwrite`` (:class:`cellnest.io.OutputExistsError`).
+    """
     out_dir = Path(out_dir)
+    if not overwrite:
+        refuse_existing([out_dir / name for name in EVALUATION_FILES])
     per_image = write_scores_csv(out_dir / "evaluation.csv", evaluation.scores)
     summary = {"summary": evaluation.summary, "missing_predictions": evaluation.missing}
     summary_path = atomic_write(out_dir / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))

@@ -11,14 +11,21 @@ CellSeg convention:
   channel-last first. More than 4 pages is treated as a 3-D/time stack and refused.
 
 Every failure raises :class:`ImageReadError` whose message is one line naming the file.
+
+Size is checked from the file's header before any pixel is decoded: an image of more than
+``max_pixels`` pixels (:data:`MAX_PIXELS` by default, ``--max-pixels`` on the command line)
+is refused, so a small compressed file that declares 40000 x 40000 cannot exhaust memory.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,6 +33,21 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".bmp", ".jpg", ".jpeg")
 TIFF_SUFFIXES = (".tif", ".tiff")
 # A channel axis has at most this many entries; anything larger is a stack or a spatial axis.
 MAX_CHANNELS = 4
+# Largest image (height x width) read by default: 16384 x 16384. Segmenting one needs about
+# 2.5 GiB (docs/reliability.md); pass a larger ``max_pixels`` (``--max-pixels``) when
+# the machine has the memory.
+MAX_PIXELS = 16384 * 16384
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Pillow's own decompression-bomb guard is a fixed 179 MP that it reports as an error we
+# would call "corrupt"; our header check replaces it, so Pillow's is lifted while we decode.
+_PILLOW_GUARD = threading.Lock()
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none (an
+    empty file makes torch raise EOFError with no message)."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(err).__name__
 
 
 class ImageReadError(ValueError):
@@ -37,8 +59,25 @@ class ImageReadError(ValueError):
         super().__init__(f"{self.path}: {self.problem}")
 
 
-def _read_array(path: Path) -> np.ndarray:
-    """Decode a file to an ndarray with its own dtype and axes, or raise ImageReadError."""
+def _check_size(path: Path, shape: tuple[int, ...], max_pixels: int) -> None:
+    """Refuse, before decoding, a header ``shape`` above ``max_pixels`` pixels.
+
+    The pixel count is the product of the two largest axes (a channel or page axis is
+    small); all axes together may hold at most ``MAX_CHANNELS`` times that, which also
+    refuses a huge stack before it is read.
+    """
+    spatial = sorted(shape)[-2:] if len(shape) >= 2 else list(shape)
+    pixels, elements = math.prod(spatial), math.prod(shape)
+    if pixels > max_pixels or elements > MAX_CHANNELS * max_pixels:
+        size = " x ".join(str(n) for n in shape)
+        raise ImageReadError(path, f"image of {size} ({pixels / 1e6:.0f} MP) is above the limit of {max_pixels / 1e6:.0f} MP "
+                                   "(--max-pixels); raise the limit if this machine has the memory (docs/reliability.md)")
+
+
+def _read_array(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode a file to an ndarray with its own dtype and axes, or raise ImageReadError.
+
+    The size in the header is checked against ``max_pixels`` before decoding."""
     if not path.exists():
         raise ImageReadError(path, "file not found")
     if path.is_dir():
@@ -50,11 +89,11 @@ def _read_array(path: Path) -> np.ndarray:
         raise ImageReadError(path, "file is empty (0 bytes)")
     try:
         if suffix in TIFF_SUFFIXES:
-            import tifffile
-
-            array = tifffile.imread(path)
+            array = _read_tiff(path, max_pixels)
         else:
-            array = _read_with_pillow(path)
+            array = _read_with_pillow(path, max_pixels)
+    except ImageReadError:
+        raise
     except Exception as err:  # decoders raise many unrelated types; all mean "unreadable"
         raise ImageReadError(path, f"corrupt or not an image ({type(err).__name__}: {err})") from None
     array = np.asarray(array)
@@ -65,13 +104,30 @@ def _read_array(path: Path) -> np.ndarray:
     return array
 
 
-def _read_with_pillow(path: Path) -> np.ndarray:
+def _read_tiff(path: Path, max_pixels: int) -> np.ndarray:
+    """The first series of a TIFF, after checking its declared shape."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        _check_size(path, tuple(series.shape), max_pixels)
+        return series.asarray()
+
+
+def _read_with_pillow(path: Path, max_pixels: int) -> np.ndarray:
     """PNG, BMP or JPEG by Pillow, with its colour mode made explicit: grey+alpha keeps the
     grey, palette and CMYK become RGB (a CMYK JPEG read as raw channels comes in
     inverted), RGBA stays (its alpha is dropped later)."""
     from PIL import Image
 
-    with Image.open(path) as image:
+    with _PILLOW_GUARD:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            image = Image.open(path)  # reads the header only
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    with image:
+        _check_size(path, (image.height, image.width), max_pixels)
         if image.mode in ("LA", "La"):
             return np.asarray(image.getchannel(0))
         if image.mode in ("P", "PA"):
@@ -104,14 +160,16 @@ def _to_channel_last(array: np.ndarray, path: Path) -> np.ndarray:
     )
 
 
-def read_image(path: str | os.PathLike, dtype: np.dtype | type | None = np.float32) -> np.ndarray:
+def read_image(path: str | os.PathLike, dtype: np.dtype | type | None = np.float32, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read a microscopy image as three channels.
 
     Parameters
     ----------
     path : a ``.tif/.tiff/.png/.bmp/.jpg/.jpeg`` file.
     dtype : output dtype; ``None`` keeps the file's own (a 10k x 10k uint8 RGB image is
-        300 MB as uint8 and 1.2 GB as float32).
+        300 MB as uint8 and 1.2 GB as float32), and a grey image then comes back as a
+        read-only view of its one channel (100 MB).
+    max_pixels : largest height x width read; checked from the header before decoding.
 
     Returns
     -------
@@ -120,28 +178,32 @@ def read_image(path: str | os.PathLike, dtype: np.dtype | type | None = np.float
     Raises
     ------
     ImageReadError : missing, empty, corrupt, non-image, 4-D or stack input, odd dtype,
-        or non-finite values.
+        non-finite values, or above ``max_pixels``.
     """
     path = Path(path)
-    array = _read_array(path)
+    array = _read_array(path, max_pixels)
     image = _to_channel_last(array, path)
     if image.shape[0] < 2 or image.shape[1] < 2:
         raise ImageReadError(path, f"image too small to segment (shape {array.shape})")
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise ImageReadError(path, "image contains NaN or infinite values")
+    if image.dtype.itemsize > 4 and image.dtype.kind == "f" and np.abs(image).max() > _FLOAT32_MAX:
+        raise ImageReadError(path, f"pixel values up to {np.abs(image).max():.3g} do not fit float32; rescale the image")
     if image.dtype.kind == "b":
         image = image.astype(np.uint8)
     if dtype is not None:
         image = image.astype(dtype, copy=False)
     channels = image.shape[-1]
     if channels == 1:
+        if dtype is None:  # one channel seen three times: a read-only view, a third of the memory
+            return np.broadcast_to(image, (*image.shape[:2], 3))
         return np.repeat(image, 3, axis=-1)
     if channels == 2:
         return np.concatenate([image, np.zeros_like(image[..., :1])], axis=-1)
     return np.ascontiguousarray(image[..., :3])
 
 
-def read_labels(path: str | os.PathLike) -> np.ndarray:
+def read_labels(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read an instance label map.
 
     Returns
@@ -150,10 +212,11 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
 
     Raises
     ------
-    ImageReadError : unreadable file, not 2-D, negative or non-integer values.
+    ImageReadError : unreadable file, not 2-D, negative or non-integer values, or above
+        ``max_pixels``.
     """
     path = Path(path)
-    array = np.squeeze(_read_array(path))
+    array = np.squeeze(_read_array(path, max_pixels))
     if array.ndim != 2:
         raise ImageReadError(path, f"label map must be 2-D, got shape {array.shape}")
     if array.dtype.kind == "f":
@@ -195,6 +258,57 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+class OutputExistsError(ValueError):
+    """An output folder whose files a run would replace, or that holds ground truth."""
+
+
+def refuse_existing(planned: Sequence[Path]) -> None:
+    """Raise :class:`OutputExistsError` naming the first of ``planned`` that exists."""
+    existing = next((Path(t) for t in planned if Path(t).exists() or Path(t).is_symlink()), None)
+    if existing is not None:
+        raise OutputExistsError(f"{existing}: exists; cellnest never replaces files it did not write in this run "
+                                "(use --overwrite, or another --out)")
+
+
+class FolderBusyError(OSError):
+    """Another process is writing into the same output folder."""
+
+
+@contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``<folder>/.cellnest.lock`` for the duration, or raise :class:`FolderBusyError`.
+
+    Two runs writing one folder would mix their outputs and leave a ``summary.csv`` that
+    credits one model with the other's files. The lock is ``flock`` on a file that stays in
+    the folder: the kernel drops it when its process dies, so a killed run never leaves a
+    stale lock (removing the file could let a third run lock a different inode). Where
+    ``fcntl`` is missing (Windows) the folder is not locked.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield folder
+        return
+    with open(folder / ".cellnest.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise FolderBusyError(f"{folder}: another cellnest run ({holder}) is writing here; wait for it to end or "
+                                  "choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield folder
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:

@@ -36,7 +36,7 @@ from cellnest.blocks import segment_in_blocks
 from cellnest.catalog import DEFAULT_MODEL, model_path, shipped_models
 from cellnest.classical import ClassicalConfig, segment_normalized_classical
 from cellnest.diameter import TOLERANCE, interior_median_diameter, rescale_image, resize_labels, scale_for, search_diameter
-from cellnest.io import atomic_write
+from cellnest.io import atomic_write, first_line
 from cellnest.normalize import apply_image_percentiles, image_percentiles
 from cellnest.postprocess import PostprocessConfig, probabilities_to_instances
 from cellnest.predict import Predictor, PredictorConfig, resolve_device
@@ -90,7 +90,10 @@ class Segmenter:
     Images whose native or rescaled size exceeds ``max_whole_pixels`` go block by block: blocks of
     ``block`` pixels at the model's scale (``block / scale`` image pixels when enlarging)
     with a margin of ``margin`` image pixels or four model cell diameters, whichever is
-    larger; each block is resized on its own, so memory stays bounded.
+    larger; each block is resized on its own, so memory stays bounded. Inside a block a
+    network runs windows of at most ``block_tile`` pixels: a 1024-px window of the default
+    model needs about 1.2 GB, a 512-px one 0.35 GB, for some 10 % more time
+    (docs/reliability.md), and a huge image is where memory runs short.
     """
 
     name: str = "segmenter"
@@ -98,6 +101,7 @@ class Segmenter:
     upper_percentile: float = 99.0
     max_whole_pixels: int = 4096 * 4096
     block: int = 2048
+    block_tile: int = 512
     margin: int = 128
     cell_diameter: float | None = None
     diameter: float | str | None = None
@@ -114,7 +118,9 @@ class Segmenter:
         if self.diameter != "auto" and not (isinstance(self.diameter, (int, float)) and self.diameter > 0):
             raise ValueError(f"diameter must be 'auto' or a number of pixels > 0, got {self.diameter!r}")
 
-    def segment_normalized(self, image: np.ndarray) -> np.ndarray:
+    def segment_normalized(self, image: np.ndarray, tile: int | None = None) -> np.ndarray:
+        """Normalised (h, w, C) float32 -> (h, w) instance map; ``tile`` caps a network's
+        window side (None: its own)."""
         raise NotImplementedError
 
     def __call__(self, image: np.ndarray, progress: bool = False) -> np.ndarray:
@@ -147,6 +153,7 @@ class Segmenter:
         rescale = scale_for(self.cell_diameter, found)  # the cells found disagree: trust them, once
         if rescale == scale:  # both clipped to the same limit
             return labels, SizeInfo(found, scale)
+        del labels  # a huge image's first label map (4 bytes a pixel) is not kept during the second pass
         return self.segment_at(image, bounds, rescale, progress), SizeInfo(found, rescale)
 
     def estimate_diameter(self, image: np.ndarray, bounds) -> float | None:
@@ -165,17 +172,20 @@ class Segmenter:
 
     def segment_at(self, image: np.ndarray, bounds, scale: float, progress: bool = False) -> np.ndarray:
         """Segment a raw (H, W, C) image resized by ``scale``; labels at (H, W), int32."""
+        height, width = image.shape[:2]
+        whole = height * width * max(scale, 1.0) ** 2 <= self.max_whole_pixels  # the native copy counts too
+        tile = None if whole else self.block_tile
+
         def segment_block(normalised: np.ndarray) -> np.ndarray:
             if scale == 1.0:
-                return np.asarray(self.segment_normalized(normalised))
+                return np.asarray(self.segment_normalized(normalised, tile))
             with stage("resample"):
                 resized = rescale_image(normalised, scale)
-            labels = np.asarray(self.segment_normalized(resized))
+            labels = np.asarray(self.segment_normalized(resized, tile))
             with stage("resample"):
                 return resize_labels(labels, normalised.shape[:2])
 
-        height, width = image.shape[:2]
-        if height * width * max(scale, 1.0) ** 2 <= self.max_whole_pixels:  # the native copy counts too
+        if whole:
             with stage("normalise"):
                 normalised = apply_image_percentiles(image, bounds)
             return np.asarray(segment_block(normalised), np.int32)
@@ -191,7 +201,7 @@ class ClassicalSegmenter(Segmenter):
     name: str = "classical"
     config: ClassicalConfig = field(default_factory=ClassicalConfig)
 
-    def segment_normalized(self, image: np.ndarray) -> np.ndarray:
+    def segment_normalized(self, image: np.ndarray, tile: int | None = None) -> np.ndarray:
         return segment_normalized_classical(image, self.config)
 
 
@@ -217,13 +227,13 @@ class NetworkSegmenter(Segmenter):
         by_search = super().estimate_diameter(image, bounds)
         return by_features if by_search is None else math.sqrt(by_features * by_search)
 
-    def probabilities(self, image: np.ndarray) -> np.ndarray:
+    def probabilities(self, image: np.ndarray, tile: int | None = None) -> np.ndarray:
         """Normalised (h, w, C) float32 -> (K, h, w) float32 class probabilities."""
         with stage("network"):
-            return self.predictor(np.moveaxis(image, -1, 0))
+            return self.predictor(np.moveaxis(image, -1, 0), tile)
 
-    def segment_normalized(self, image: np.ndarray) -> np.ndarray:
-        probabilities = self.probabilities(image)
+    def segment_normalized(self, image: np.ndarray, tile: int | None = None) -> np.ndarray:
+        probabilities = self.probabilities(image, tile)
         with stage("postprocess"):
             return probabilities_to_instances(probabilities, self.postprocess)
 
@@ -283,7 +293,7 @@ def read_model_file(path: str | os.PathLike) -> dict:
     try:
         bundle = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
-        raise ModelFileError(path, f"not a readable model file ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise ModelFileError(path, f"not a readable model file ({type(err).__name__}: {first_line(err)})") from None
     if not isinstance(bundle, dict) or bundle.get("format") != MODEL_FORMAT:
         raise ModelFileError(path, f"not a cellnest model file (no format '{MODEL_FORMAT}')")
     if bundle.get("version") != MODEL_VERSION:
@@ -297,16 +307,27 @@ def read_model_file(path: str | os.PathLike) -> dict:
 def build_network(bundle: dict, path: str | os.PathLike = "<model>") -> nn.Module:
     """Rebuild the network of a model file and load its weights (float32)."""
     from cellnest.nets import build_model
+    from cellnest.nets.registry import declared_shapes
 
     spec = bundle["network"]
+
+    args = (spec.get("name"), spec.get("in_channels", 3), spec.get("out_channels", 3))
+    try:  # only a network whose shapes match the file's own weights is built
+        declared = declared_shapes(*args, **spec.get("cfg", {}))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ModelFileError(path, f"cannot build its network ({first_line(err)})") from None
+    weights = bundle["state_dict"]
+    stored = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    if declared != stored:
+        wrong = sorted(set(declared) ^ set(stored)) or [k for k in declared if declared[k] != stored[k]]
+        size = sum(math.prod(shape) for shape in declared.values())
+        raise ModelFileError(path, f"its weights do not fit the network it declares ({size:,} values; first mismatch: "
+                                   f"{wrong[0]})")
+    model = build_model(*args, **spec.get("cfg", {}))
     try:
-        model = build_model(spec["name"], spec.get("in_channels", 3), spec.get("out_channels", 3), **spec.get("cfg", {}))
-    except (KeyError, TypeError, ValueError) as err:
-        raise ModelFileError(path, f"cannot build its network ({str(err).splitlines()[0]})") from None
-    try:
-        model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in bundle["state_dict"].items()})
+        model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()})
     except (RuntimeError, AttributeError) as err:
-        raise ModelFileError(path, f"weights do not fit the network ({str(err).splitlines()[0]})") from None
+        raise ModelFileError(path, f"weights do not fit the network ({first_line(err)})") from None
     return model
 
 

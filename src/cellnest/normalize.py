@@ -13,6 +13,8 @@ import numpy as np
 # Integer images with at most this many distinct values get exact percentiles from a
 # histogram (no float copy of the image): uint8 and uint16.
 _HISTOGRAM_MAX_VALUE = 65535
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 
 def _check(lower: float, upper: float) -> None:
@@ -60,7 +62,11 @@ def channel_percentiles(channel: np.ndarray, lower: float = 1.0, upper: float = 
     nonzero = channel[channel != 0]
     if nonzero.size == 0:
         return None
-    lo, hi = np.percentile(nonzero.astype(np.float64), [lower, upper])
+    values = nonzero.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo, hi = np.percentile(values, [lower, upper])
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # interpolating across ~1e308 overflows; take pixel values
+        lo, hi = np.percentile(values, [lower, upper], method="nearest")
     return _two_level(float(lo), float(hi), nonzero.size < channel.size)
 
 
@@ -81,7 +87,12 @@ def apply_percentiles(channel: np.ndarray, bounds: tuple[float, float] | None) -
     if bounds is None or not bounds[1] > bounds[0]:
         return np.zeros(np.shape(channel), np.float32)
     lo, hi = bounds
-    out = (np.asarray(channel, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    if _FLOAT32_TINY <= hi - lo and max(abs(lo), abs(hi), hi - lo) < _FLOAT32_MAX:  # the usual case, in float32
+        with np.errstate(over="ignore"):  # a pixel far outside the bounds may overflow; it is clipped below
+            out = (np.asarray(channel, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
+    else:  # bounds float32 cannot hold (pixels near +-3e38 or 1e-300): in float64, scaled first
+        with np.errstate(over="ignore"):
+            out = (np.asarray(channel, dtype=np.float64) / (hi - lo) - lo / (hi - lo)).astype(np.float32)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -109,7 +120,9 @@ def image_percentiles(image: np.ndarray, lower: float = 1.0, upper: float = 99.0
     bounds: list[tuple[float, float] | None] = []
     for c in range(image.shape[-1]):
         # Grey images arrive as three identical channels: count once.
-        same = next((p for p in range(c) if np.array_equal(image[..., p], image[..., c])), None)
+        same = 0 if c and image.strides[-1] == 0 else None  # a grey image's broadcast view
+        if same is None:
+            same = next((p for p in range(c) if np.array_equal(image[..., p], image[..., c])), None)
         bounds.append(bounds[same] if same is not None else channel_percentiles(image[..., c], lower, upper))
     return bounds
 

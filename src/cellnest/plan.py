@@ -35,6 +35,7 @@ from tqdm import tqdm
 from cellnest.data import load_folder
 from cellnest.diameter import MAX_SCALE, median_diameter
 from cellnest.io import atomic_write, read_image, read_labels
+from cellnest.recipe import read_yaml
 
 CELLPOSE_DIAMETER = 30.0
 PIXELS_PER_STEP = {"cpu": 4 * 192 * 192, "cuda": 8 * 256 * 256}
@@ -130,10 +131,7 @@ def write_plan(plan: dict, path: str | os.PathLike) -> Path:
 
 def read_plan(path: str | os.PathLike) -> dict:
     """Read a plan written by :func:`write_plan`; ValueError (one line, naming the file) if it is not one."""
-    try:
-        plan = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"{path}: cannot read the plan ({' '.join(str(err).split())[:200]})") from None
+    plan = read_yaml(path)  # RecipeError (a ValueError) naming the file
     if not isinstance(plan, dict) or not isinstance(plan.get("data"), dict) or set(plan["data"]) - set(PLAN_KEYS):
         raise ValueError(f"{path}: not a cellnest plan (expected a 'data' section with {', '.join(PLAN_KEYS)})")
     return plan

@@ -22,6 +22,11 @@ from monai.inferers import sliding_window_inference
 BLEND_MODES = ("gaussian", "constant")
 
 
+# Largest window side: the command line's --tile bound, and a cap on what a model file may
+# declare (one 8192-px window of a U-Net++ already needs tens of GB).
+MAX_TILE = 8192
+
+
 @dataclass(frozen=True)
 class PredictorConfig:
     """How windows are cut, batched, augmented and blended (stored in model files).
@@ -50,8 +55,8 @@ class PredictorConfig:
     amp: bool = True
 
     def __post_init__(self) -> None:
-        if self.tile < 16:
-            raise ValueError(f"predictor tile must be >= 16 pixels, got {self.tile}")
+        if not 16 <= self.tile <= MAX_TILE:
+            raise ValueError(f"predictor tile must be 16..{MAX_TILE} pixels, got {self.tile}")
         if not 0 <= self.overlap < 1:
             raise ValueError(f"predictor overlap must be in [0, 1), got {self.overlap}")
         if self.batch_size < 1 or self.cpu_batch_size < 1:
@@ -83,6 +88,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         device = torch.device(device)
     except RuntimeError:
         raise ValueError(f"unknown device {str(device)!r} (use auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, ...: cellnest is tested on these two only
+        raise ValueError(f"device {str(device)!r} is not supported (use auto, cpu, cuda, cuda:1, ...)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
@@ -158,12 +165,13 @@ class Predictor:
         return total / (len(self.models) * len(flips))
 
     @torch.inference_mode()
-    def __call__(self, image: np.ndarray) -> np.ndarray:
+    def __call__(self, image: np.ndarray, tile: int | None = None) -> np.ndarray:
         """Probabilities of a normalised image.
 
         Parameters
         ----------
         image : (C, H, W) float32, normalised (see :mod:`cellnest.normalize`).
+        tile : largest window side for this call (the smaller of it and the config's tile).
 
         Returns
         -------
@@ -172,7 +180,8 @@ class Predictor:
         if image.ndim != 3:
             raise ValueError(f"expected a (C, H, W) image, got shape {image.shape}")
         x = torch.from_numpy(np.array(image, dtype=np.float32))[None]  # a copy: cached arrays are read-only maps
-        roi = tuple(window_size(side, self.config.tile, self.config.overlap) for side in image.shape[1:])
+        tile = min(tile or self.config.tile, self.config.tile)
+        roi = tuple(window_size(side, tile, self.config.overlap) for side in image.shape[1:])
         probs = sliding_window_inference(
             x,
             roi_size=roi,

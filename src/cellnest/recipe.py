@@ -11,6 +11,7 @@ any value (the value is parsed as YAML: ``--set optimizer.lr=3e-4``,
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -37,12 +38,51 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _parse(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file and the key."""
+
+
+# A recipe is a few hundred bytes; these bounds refuse a file that is not one before it
+# costs memory, including a "billion laughs" document whose aliases expand without end.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Number of values ``node`` becomes with every alias expanded (memoised per node, so
+    counting costs the size of the document, not of its expansion)."""
+    key = id(node)
+    if key not in sizes:
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        sizes[key] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[key]
+
+
+def parse_yaml(text: str, where: str):
+    """YAML text -> Python values with :class:`_Loader`, within the size limits above.
+
+    Raises RecipeError naming ``where`` (a file, or a ``--set`` assignment)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise RecipeError(f"{where}: {len(text)} bytes, above the {MAX_YAML_BYTES} a recipe may have")
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise RecipeError(f"{where}: expands to more than {MAX_YAML_VALUES} values (YAML aliases); not a recipe")
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{where}: invalid YAML ({' '.join(str(err).split())})") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: nested too deeply to be a recipe") from None
+    finally:
+        loader.dispose()
 
 
 def _section(cls, data: dict | None, where: str):
@@ -52,6 +92,9 @@ def _section(cls, data: dict | None, where: str):
     unknown = sorted(set(data) - known)
     if unknown:
         raise RecipeError(f"{where}: unknown key(s) {unknown}; valid: {sorted(known)}")
+    bad = next(((k, v) for k, v in data.items() if isinstance(v, float) and not math.isfinite(v)), None)
+    if bad is not None:  # NaN passes every comparison, and 1e999 reads as inf: both fail much later
+        raise RecipeError(f"{where}: {bad[0]} must be a finite number, got {bad[1]}")
     try:
         return cls(**data)
     except (TypeError, ValueError) as err:
@@ -388,7 +431,7 @@ def apply_override(data: dict, assignment: str) -> None:
     keys = path.strip().split(".")
     if len(keys) < 2:
         raise RecipeError(f"--set {assignment!r}: expected section.key=value (e.g. optimizer.lr=3e-4)")
-    value = _parse(text)
+    value = parse_yaml(text, f"--set {assignment!r}")
     node = data
     for key in keys[:-1]:
         node = node.setdefault(key, {})
@@ -408,10 +451,21 @@ def read_named_yaml(name_or_path: str | os.PathLike, folder: Path, what: str) ->
     if not path.is_file():
         shipped = sorted(p.stem for p in folder.glob("*.yaml"))
         raise RecipeError(f"unknown {what} '{name_or_path}' (shipped: {', '.join(shipped)}, or a .yaml file)")
+    return path, read_yaml(path)
+
+
+def read_yaml(path: str | os.PathLike):
+    """A YAML file (recipe, plan, a run's recipe.yaml) parsed by :func:`parse_yaml`, its
+    size checked before it is read. Raises RecipeError naming the file."""
+    path = Path(path)
     try:
-        return path, _parse(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: invalid YAML ({' '.join(str(err).split())})") from None
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise RecipeError(f"{path}: {size} bytes, above the {MAX_YAML_BYTES} a recipe may have")
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{path}: cannot read ({' '.join(str(err).split())})") from None
+    return parse_yaml(text, str(path))
 
 
 def load_recipe(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:

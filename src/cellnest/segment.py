@@ -26,7 +26,8 @@ from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
 from cellnest.export import measure_cells, write_geojson, write_measurements
-from cellnest.io import IMAGE_SUFFIXES, ImageReadError, atomic_write, list_images, read_image, write_labels, write_png
+from cellnest.io import (IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, OutputExistsError, atomic_write, folder_lock,
+                         list_images, read_image, refuse_existing, write_labels, write_png)
 from cellnest.models import Segmenter
 from cellnest.normalize import normalize_image
 from cellnest.timing import stage
@@ -40,6 +41,7 @@ class ImageResult:
 
     input: str
     name: str
+    model: str = ""  # the segmenter that wrote this image's outputs
     cells: int = 0
     seconds: float = 0.0
     diameter: str = ""  # cell diameter used (image pixels): given, or estimated with --diameter auto
@@ -70,7 +72,9 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list
         else:
             found = sorted(Path(p) for p in glob.glob(spec) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
         if not found:
-            missing.append(ImageResult(spec, Path(spec).stem, error=f"{spec}: no such file, folder or matching image"))
+            problem = (f"folder holds no image files ({', '.join(IMAGE_SUFFIXES)})" if path.is_dir()
+                       else "no such file, folder or matching image")
+            missing.append(ImageResult(spec, Path(spec).stem, error=f"{spec}: {problem}"))
         paths.extend(found)
     unique, seen = [], set()
     for p in paths:
@@ -111,10 +115,6 @@ class Outputs:
     geojson: bool = False  # <name>_cells.geojson: polygons for QuPath
 
 
-class OutputExistsError(ValueError):
-    """An output folder whose files this run would replace, or that holds ground truth."""
-
-
 def _suffixes(outputs: "Outputs") -> list[str]:
     """File-name endings one image writes with these ``outputs``."""
     chosen = [(True, "_label.tiff"), (outputs.overlay, "_overlay.png"), (outputs.measure, "_cells.csv"),
@@ -132,6 +132,7 @@ def segment_files(
     outputs: Outputs = Outputs(),
     progress: bool = True,
     overwrite: bool = False,
+    max_pixels: int = MAX_PIXELS,
 ) -> list[ImageResult]:
     """Segment every image of ``inputs`` into ``out_dir``.
 
@@ -139,6 +140,8 @@ def segment_files(
     (``summary.csv`` or an image's files) already exists, nothing is done and
     :class:`OutputExistsError` names it. A folder that holds ground truth (``labels/``
     beside ``images/``, or one with a ``manifest.csv``) is refused even with ``overwrite``.
+    An image above ``max_pixels`` (height x width, read from its header) fails before it is
+    decoded.
 
     Reading and writing overlap with segmentation: the next file is read by one thread
     while the current image is segmented (files up to ``PREFETCH_MAX_BYTES``, so at most
@@ -156,13 +159,18 @@ def segment_files(
     if (out_dir / "manifest.csv").exists() or (out_dir.name == "labels" and (out_dir.parent / "images").is_dir()):
         raise OutputExistsError(f"{out_dir}: holds ground truth (a dataset's labels or manifest); choose another --out")
     paths, results = expand_inputs(inputs)
+    planned = [out_dir / "summary.csv"] + [out_dir / f"{p.stem}{suffix}" for p in paths for suffix in _suffixes(outputs)]
     if not overwrite:
-        planned = [out_dir / "summary.csv"] + [out_dir / f"{p.stem}{suffix}" for p in paths for suffix in _suffixes(outputs)]
-        existing = next((t for t in planned if t.exists() or t.is_symlink()), None)
-        if existing is not None:
-            raise OutputExistsError(f"{existing}: exists; cellnest never replaces files it did not write in this run "
-                                    "(use --overwrite, or another --out)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+        refuse_existing(planned)  # before the folder is made: a refused run leaves nothing behind
+    with folder_lock(out_dir):
+        if not overwrite:
+            refuse_existing(planned)  # again under the lock: a run that just ended may have written them
+        return _segment_locked(paths, results, out_dir, segmenter, outputs, progress, max_pixels)
+
+
+def _segment_locked(paths: list[Path], results: list[ImageResult], out_dir: Path, segmenter: Segmenter, outputs: Outputs,
+                    progress: bool, max_pixels: int) -> list[ImageResult]:
+    """:func:`segment_files` once the folder is locked and checked."""
     for spec in results:
         log.error(spec.error)
     guard = _OutputGuard({p.resolve() for p in paths}, out_dir.resolve() in {p.resolve().parent for p in paths})
@@ -181,12 +189,12 @@ def segment_files(
 
     with ThreadPoolExecutor(1, thread_name_prefix="cellnest-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="cellnest-write") as writer:
-        ahead = {0: _read_ahead(reader, paths[0])} if paths else {}
+        ahead = {0: _read_ahead(reader, paths[0], max_pixels)} if paths else {}
         try:
             for index, path in enumerate(bar):
                 if index + 1 < len(paths):
-                    ahead[index + 1] = _read_ahead(reader, paths[index + 1])
-                result, write = _segment_one(path, ahead.pop(index), out_dir, segmenter, outputs, guard, writer, progress)
+                    ahead[index + 1] = _read_ahead(reader, paths[index + 1], max_pixels)
+                result, write = _segment_one(path, ahead.pop(index), out_dir, segmenter, outputs, guard, writer, progress, max_pixels)
                 finish(writing)
                 writing = (result, write) if write is not None else None
                 if write is None:
@@ -227,14 +235,14 @@ class _OutputGuard:
         self.claimed[path.stem] = path
 
 
-def _read_ahead(reader: ThreadPoolExecutor, path: Path) -> Future:
+def _read_ahead(reader: ThreadPoolExecutor, path: Path, max_pixels: int) -> Future:
     """Start reading ``path`` in the reader thread, or defer a large file to its turn."""
     try:
         small = path.stat().st_size <= PREFETCH_MAX_BYTES
     except OSError:
         small = True  # let the read report the problem
     if small:
-        return reader.submit(read_image, path, dtype=None)  # native dtype: a large uint8 image stays small
+        return reader.submit(read_image, path, dtype=None, max_pixels=max_pixels)  # native dtype: a large uint8 image stays small
     deferred: Future = Future()
     deferred.set_result(None)
     return deferred
@@ -255,10 +263,11 @@ def _segment_one(
     guard: _OutputGuard,
     writer: ThreadPoolExecutor,
     progress: bool,
+    max_pixels: int,
 ) -> tuple[ImageResult, Future | None]:
     """Segment one file and hand its outputs to the writer; a failure is recorded in the
     result, never raised. Returns the result and the pending write (None on failure)."""
-    result = ImageResult(str(path), path.stem)
+    result = ImageResult(str(path), path.stem, model=segmenter.name)
     target = out_dir / f"{path.stem}_label.tiff"
     extras = [out_dir / f"{path.stem}{suffix}" for suffix in ("_overlay.png", "_cells.csv", "_cells.geojson")]
     try:
@@ -267,7 +276,7 @@ def _segment_one(
         with stage("read"):
             image = read.result()
             if image is None:  # deferred: too large to read ahead
-                image = read_image(path, dtype=None)
+                image = read_image(path, dtype=None, max_pixels=max_pixels)
         labels, size = segmenter.run(image, progress=progress)
         result.diameter = f"{size.diameter:.1f}" if size.diameter is not None else ""
         result.scale = f"{size.scale:.3f}"
@@ -293,7 +302,7 @@ def _write_outputs(target: Path, extras: list[Path], image: np.ndarray, labels: 
 
 
 def write_summary(path: Path, results: Sequence[ImageResult]) -> Path:
-    """CSV of per-image results (input, name, cells, seconds, output, error), atomically."""
+    """CSV of per-image results (input, name, model, cells, seconds, output, error), atomically."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(asdict(ImageResult("", "")).keys()))
     writer.writeheader()

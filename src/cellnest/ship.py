@@ -36,7 +36,7 @@ from cellnest.io import atomic_write
 from cellnest.metrics import format_table, modality_mean, summarize
 from cellnest.predict import PredictorConfig
 from cellnest.catalog import WEIGHTS_DIR
-from cellnest.models import half_state, load_segmenter, read_model_file, write_model_file
+from cellnest.models import build_network, half_state, load_segmenter, read_model_file, write_model_file
 from cellnest.synthetic import SyntheticSpec, synthetic_cells, to_uint
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -248,6 +248,7 @@ def ship_model(
     source = run / "model.pt" if run.is_dir() else run
     target = out_dir / f"{name}.pt"
     bundle = read_model_file(source)
+    build_network(bundle, source)  # weights that do not fit their network are refused before anything is written
     items = load_folder(val, require_labels=True)
     sources = training_sources(train_data) if train_data is not None else []
     trained_on = load_folder(train_data, require_labels=False) if train_data is not None else []

@@ -37,7 +37,6 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import torch
-import yaml
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
@@ -47,19 +46,23 @@ from cellnest.augment import build_augmentation
 from cellnest.data import Item, Sample, SampleCache
 from cellnest.evaluate import write_scores_csv
 from cellnest.hardware import cpu_name
-from cellnest.io import atomic_write
+from cellnest.io import atomic_write, first_line
 from cellnest.losses import build_loss
 from cellnest.catalog import model_path
 from cellnest.models import ModelFileError, build_network, read_model_file, save_model
 from cellnest.nets import build_model
 from cellnest.patches import PatchDataset, ResumableSampler, modality_weights
 from cellnest.predict import resolve_device
-from cellnest.recipe import Recipe, RecipeError
+from cellnest.recipe import Recipe, RecipeError, read_yaml
 from cellnest.validate import Validation, summary_line, tune_thresholds, validate
 
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("recipe.yaml", "checkpoint.pt", "model.pt", "metrics.csv", "val_scores.csv")
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or infinite."""
 
 
 class RunFolderError(ValueError):
@@ -171,9 +174,9 @@ def check_same_recipe(out: Path, recipe: Recipe) -> None:
     if not saved_path.exists():
         return
     try:
-        saved = Recipe.from_dict(yaml.safe_load(saved_path.read_text()), str(saved_path))
-    except (RecipeError, yaml.YAMLError) as err:
-        raise RunFolderError(f"{saved_path}: cannot resume ({str(err).splitlines()[0]})") from None
+        saved = Recipe.from_dict(read_yaml(saved_path), str(saved_path))
+    except RecipeError as err:
+        raise RunFolderError(f"{saved_path}: cannot resume ({first_line(err)})") from None
     changed = recipe.differences(saved)
     if changed:
         raise RunFolderError(f"{out}: the recipe differs from the run's recipe.yaml in {changed}; resume with the same recipe and --set values")
@@ -189,7 +192,7 @@ def finished_state(out: Path, budget: Budget, recipe: Recipe) -> State | None:
     try:
         state = State(**torch.load(path, map_location="cpu", weights_only=True)["state"])
     except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
-        raise RunFolderError(f"{path}: cannot read ({str(err).splitlines()[0]})") from None
+        raise RunFolderError(f"{path}: cannot read ({first_line(err)})") from None
     return state if state.finished and budget.spent(state, recipe.train.epochs) else None
 
 
@@ -330,8 +333,8 @@ class Trainer:
             torch.set_rng_state(ckpt["rng_torch"])
             if ckpt["rng_cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
-            raise RunFolderError(f"{path}: cannot resume ({str(err).splitlines()[0]})") from None
+        except Exception as err:  # an empty, truncated, foreign or malicious file raises many types
+            raise RunFolderError(f"{path}: cannot resume ({type(err).__name__}: {first_line(err)})") from None
         log.info("resumed %s at epoch %d, step %d", self.out, self.state.epoch, self.state.step)
 
     # -- one step ----------------------------------------------------------------------
@@ -417,6 +420,18 @@ class Trainer:
         atomic_write(self.out / "metrics.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
         write_curves(self.out / "curves.png", rows)
 
+    def _diverged(self, loss: float, first_step: int) -> None:
+        """Stop on a non-finite loss with one line, keeping the last good checkpoint; a run
+        that never saved one leaves no files behind, so the same --out can be used again."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        kept = (self.out / "checkpoint.pt").exists()
+        if not kept and self.rank == 0 and first_step == 0:
+            discard_unstarted_run(self.out)
+        where = ("its last checkpoint is kept; train again with a lower optimizer.lr in another --out"
+                 if kept else "nothing was kept; train again with a lower optimizer.lr")
+        raise TrainingDiverged(f"{self.out}: the loss became {loss} at step {self.state.step + 1} (learning rate {lr:.3g}); "
+                               f"{where}")
+
     # -- the loop ------------------------------------------------------------------------
     def fit(self) -> State:
         """Train until the budget is spent; returns the final state."""
@@ -445,6 +460,8 @@ class Trainer:
                     break
                 start = time.monotonic()
                 loss = self._step(batch)
+                if not math.isfinite(loss):
+                    self._diverged(loss, first_step)
                 state.step += 1
                 state.batch_in_epoch += 1
                 loss_avg = loss if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss

@@ -11,7 +11,9 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
+import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 Builder = Callable[..., nn.Module]
 
@@ -69,6 +71,31 @@ def build_model(name: str, in_channels: int = 3, out_channels: int = 3, **cfg) -
                 f"model {name!r}: unknown cfg key {key!r}; valid keys: {', '.join(valid)}"
             )
     return builder(in_channels=in_channels, out_channels=out_channels, **cfg)
+
+
+# Factories that allocate parameters and buffers. Only these go to the meta device in
+# declared_shapes: torch's own meta context also moves linspace/arange, whose .item()
+# MONAI's Swin-UNETR reads while building (a few scalars, harmless on the CPU).
+_ALLOCATORS = (torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.tensor)
+
+
+class _MetaParameters(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in _ALLOCATORS and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def declared_shapes(name: str, in_channels: int = 3, out_channels: int = 3, **cfg) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes :func:`build_model` would give, without allocating them.
+
+    A model file may declare any size (``base_filters: 4096`` asks for over 100 GB), so
+    its shapes are checked against its stored weights before the network is built.
+    """
+    with _MetaParameters():
+        model = build_model(name, in_channels, out_channels, **cfg)
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
 def _lookup(name: str) -> Builder:
