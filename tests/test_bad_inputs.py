@@ -174,6 +174,15 @@ def test_segment_file_corpus(case, tmp_path, cli):
     assert rows[0]["model"] == ("classical" if outcome.code == 0 else rows[0]["model"])
 
 
+def test_a_two_pixel_image_with_the_smallest_tile(tmp_path, cli):
+    """Once failed inside torch ("Expected more than 1 spatial element"): the default
+    network on a 2 x 2 image with 16-px windows gives a valid, empty result."""
+    tifffile.imwrite(tmp_path / "tiny.tif", np.array([[0, 255], [255, 0]], np.uint8))
+    code, printed = cli(["-q", "segment", str(tmp_path / "tiny.tif"), "--out", str(tmp_path / "out"), "--tile", "16",
+                         "--backend", "torch"])
+    check(Outcome(0, cells={"tiny": 0}), code, printed, tmp_path / "out")
+
+
 def _good_image(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(folder / "cells.tif", cells_grey)

@@ -85,7 +85,10 @@ class PadCrop(nn.Module):
             raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
         h, w = x.shape[-2:]
         step = self.tile or self.multiple
-        size = (math.ceil(h / step) * step, math.ceil(w / step) * step)
+        # At least two steps a side: a side of one step leaves the deepest level 1 x 1,
+        # where instance normalisation is undefined (a 2 x 2 image failed inside torch).
+        least = step if self.tile else 2 * step
+        size = (max(math.ceil(h / step) * step, least), max(math.ceil(w / step) * step, least))
         xp = pad_to(x, size, self.pad_mode)
         if self.tile is not None:
             ny, nx = size[0] // self.tile, size[1] // self.tile
