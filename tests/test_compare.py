@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -79,15 +78,14 @@ def test_selftrain_comparison_has_teacher_student_and_control_rows(data, tmp_pat
 
 def test_postprocess_comparison_on_one_model(data, tmp_path, monkeypatch):
     from cellnest.data import TargetConfig
-    from cellnest.models import save_model
-    from cellnest.nets import build_model
+    from cellnest.modelfile import ModelFile, NetworkSpec
     from cellnest.postprocess import PostprocessConfig
     from cellnest.predict import PredictorConfig
 
     monkeypatch.setenv("CELLNEST_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
-    spec = {"name": "unet", "cfg": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}}
-    save_model(tmp_path / "m.pt", build_model("unet", **spec["cfg"]), spec, asdict(TargetConfig()), PredictorConfig(tile=128), PostprocessConfig())
+    spec = NetworkSpec("unet", {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1})
+    ModelFile.of(spec.build(), spec, TargetConfig(), PredictorConfig(tile=128), PostprocessConfig()).save(tmp_path / "m.pt")
     out = tmp_path / "pp"
     assert main(["-q", "compare", "postprocess", "--val", str(data / "val"), "--out", str(out), "--model", str(tmp_path / "m.pt"), "--device", "cpu"]) == 0
     variants = {r["variant"] for r in csv.DictReader(open(out / "table.csv"))}

@@ -7,28 +7,28 @@ import torch
 from cellnest.cli import main
 from cellnest.data import TargetConfig
 from cellnest.io import read_labels
-from cellnest.models import ClassicalSegmenter, ModelFileError, Segmenter, SizeInfo, load_segmenter, read_model_file, save_model
-from cellnest.nets import build_model
+from cellnest.modelfile import ModelFile, ModelFileError, NetworkSpec
+from cellnest.models import ClassicalSegmenter, Segmenter, SizeInfo, load_segmenter
 from cellnest.postprocess import PostprocessConfig
 from cellnest.predict import PredictorConfig
 
-from dataclasses import asdict
 
-TINY = {"name": "unet", "cfg": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}, "in_channels": 3, "out_channels": 3}
+TINY = NetworkSpec("unet", {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1})
 
 
 def _save_tiny(path, half=False, **post):
     torch.manual_seed(0)
-    model = build_model(TINY["name"], **TINY["cfg"])
-    save_model(path, model, TINY, asdict(TargetConfig()), PredictorConfig(tile=64), PostprocessConfig(**post), {"note": "test"}, half=half)
+    model = TINY.build()
+    saved = ModelFile.of(model, TINY, TargetConfig(), PredictorConfig(tile=64), PostprocessConfig(**post), {"note": "test"})
+    (saved.half() if half else saved).save(path)
     return model
 
 
 @pytest.mark.parametrize("half", [False, True])
 def test_model_file_round_trip(tmp_path, half):
     model = _save_tiny(tmp_path / "m.pt", half=half)
-    bundle = read_model_file(tmp_path / "m.pt")
-    assert bundle["meta"] == {"note": "test"} and bundle["predictor"]["tile"] == 64
+    saved = ModelFile.load(tmp_path / "m.pt")
+    assert saved.meta == {"note": "test"} and saved.predictor.tile == 64 and saved.network == TINY
     segmenter = load_segmenter(str(tmp_path / "m.pt"), device="cpu")
     reloaded = segmenter.predictor.models[0]
     for (k, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
@@ -98,7 +98,7 @@ def test_tune_command_chooses_post_processing(tmp_path, synthetic_folder, monkey
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert all(f"| {m} |" in table for m in ("components", "closing", "watershed"))
-    meta = read_model_file(tmp_path / "tuned.pt")["meta"]
+    meta = ModelFile.load(tmp_path / "tuned.pt").meta
     assert set(meta["postprocess_methods_f1"]) == {"components", "closing", "watershed"}
     assert meta["postprocess_tuned_f1"] == max(meta["postprocess_methods_f1"].values())
     assert main(argv[:-4] + ["--out", str(tmp_path / "m.pt")]) == 2  # never overwrites its input

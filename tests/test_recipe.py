@@ -6,7 +6,7 @@ import torch
 from cellnest.nets import build_model
 from cellnest.losses import build_loss
 from cellnest.recipe import RecipeError, load_recipe, recipe_names
-from cellnest.train import loader_workers
+from cellnest.assemble import loader_workers
 
 
 def test_shipped_recipes_load_and_build():

@@ -11,7 +11,7 @@ import torch
 
 from cellnest.cli import main
 from cellnest.io import read_labels
-from cellnest.models import read_model_file
+from cellnest.modelfile import ModelFile
 import cellnest.selftrain
 from cellnest.selftrain import _turn
 from cellnest.synthetic import write_synthetic_folder
@@ -94,7 +94,7 @@ def test_consistency_round_with_mean_teacher(folders, tmp_path, monkeypatch):
     assert main(_args(folders, out, "consistency", "--set", "selftrain.ema=0.9")) == 0
     checkpoint = torch.load(out / "round1" / "checkpoint.pt", weights_only=True)
     assert checkpoint["state"]["step"] == 3 and "teacher" in checkpoint["extra"]  # EMA teacher is checkpointed
-    assert read_model_file(out / "round1" / "model.pt")["meta"]["recipe"] == "re-unet"
+    assert ModelFile.load(out / "round1" / "model.pt").meta["recipe"] == "re-unet"
     rows = list(csv.DictReader(open(out / "selftrain.csv")))
     assert len(rows) == 2
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import tifffile
 import torch
 
-from cellnest.data import Item
+from cellnest.data import Item, TargetConfig
 from cellnest.io import write_labels
-from cellnest.models import load_segmenter, save_model
+from cellnest.modelfile import ModelFile, NetworkSpec
+from cellnest.models import load_segmenter
 from cellnest.nets import build_model
 from cellnest.normalize import image_percentiles
 from cellnest.postprocess import PostprocessConfig
@@ -67,11 +70,8 @@ def test_size_model_estimates_known_diameters(disk_items, network, tmp_path):
         assert abs(np.log2(estimate / diameter)) < np.log2(1.5), (diameter, estimate)
 
     # Stored in a model file as plain numbers, read back by load_segmenter as its estimator.
-    path = save_model(tmp_path / "m.pt", network, NETWORK, {}, PredictorConfig(), PostprocessConfig(),
-                      {"cell_diameter": 30.0, "size_normalised": True})
-    bundle = torch.load(path, weights_only=True)
-    bundle["size_model"] = fitted.to_dict()
-    torch.save(bundle, path)
+    path = replace(ModelFile.of(network, NetworkSpec(**NETWORK), TargetConfig(), PredictorConfig(), PostprocessConfig(),
+                                {"cell_diameter": 30.0, "size_normalised": True}), size_model=fitted.to_dict()).save(tmp_path / "m.pt")
     segmenter = load_segmenter(str(path), device="cpu")
     assert segmenter.diameter == "auto" and segmenter.estimator == "size_model"
     assert SizeModel.from_dict(torch.load(path, weights_only=True)["size_model"]) == fitted

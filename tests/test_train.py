@@ -16,7 +16,7 @@ import torch
 from cellnest.cli import main
 from cellnest.models import load_segmenter
 from cellnest.synthetic import write_synthetic_folder
-from cellnest.train import parse_duration
+from cellnest.run import parse_duration
 
 TINY = [
     "model.name=unet", "model.cfg={channels: [8, 16, 32], strides: [2, 2], num_res_units: 1}",

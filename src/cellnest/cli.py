@@ -77,7 +77,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cellnest.data import SampleCache
     from cellnest.plan import plan_overrides, read_plan
     from cellnest.recipe import load_recipe
-    from cellnest.train import Budget, parse_duration, train_from_folders
+    from cellnest.assemble import train_from_folders
+    from cellnest.run import Budget, parse_duration
 
     plan = read_plan(args.plan) if args.plan else None
     recipe = load_recipe(args.recipe, (plan_overrides(plan) if plan else []) + (args.set or []))
@@ -115,7 +116,7 @@ def _cmd_selftrain(args: argparse.Namespace) -> int:
     from cellnest.data import SampleCache
     from cellnest.recipe import load_recipe
     from cellnest.selftrain import self_train
-    from cellnest.train import Budget, parse_duration
+    from cellnest.run import Budget, parse_duration
 
     overrides = list(args.set or [])
     for key, value in (("method", args.method), ("rounds", args.rounds), ("overlays", args.overlays)):

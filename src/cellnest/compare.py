@@ -36,8 +36,6 @@ and ``bars.png``.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import re
@@ -47,9 +45,10 @@ from typing import Sequence
 
 import numpy as np
 
-from cellnest.data import SampleCache, TargetConfig, load_folder
+from cellnest.data import SampleCache, load_folder
 from cellnest.evaluate import read_scores_csv, write_scores_csv
-from cellnest.io import atomic_write
+from cellnest.export import new_figure, write_figure
+from cellnest.io import atomic_write, write_csv
 from cellnest.metrics import score_image
 from cellnest.postprocess import PostprocessConfig, probabilities_to_instances
 from cellnest.recipe import RecipeError, load_recipe, read_named_yaml
@@ -138,8 +137,7 @@ def _run_scores(run_dir: Path, model: Path, val_items, recipe, device: str) -> l
     than the model; a model trained in ``run_dir`` brings its own ``val_scores.csv`` (the
     trainer scored it the same way), used when it covers every validation image.
     """
-    from cellnest.models import build_network, read_model_file
-    from cellnest.predict import PredictorConfig
+    from cellnest.modelfile import ModelFile
     from cellnest.validate import validate
 
     names = sorted(i.name for i in val_items)
@@ -154,15 +152,15 @@ def _run_scores(run_dir: Path, model: Path, val_items, recipe, device: str) -> l
             atomic_write(path, lambda tmp: tmp.write_bytes(own.read_bytes()))
         else:
             samples = [SampleCache().load(i, recipe.targets, recipe.data.diameter, recipe.data.min_cell_pixels) for i in val_items]
-            bundle = read_model_file(model)
-            result = validate(build_network(bundle, model), samples, PredictorConfig.from_dict(bundle["predictor"]), recipe.postprocess, device)
+            kept = ModelFile.load(model)
+            result = validate(kept.build_network(), samples, kept.predictor, recipe.postprocess, device)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_scores_csv(path, result.scores)
     return read_scores_csv(path)
 
 
 def _budget(comparison: Comparison):
-    from cellnest.train import Budget, parse_duration
+    from cellnest.run import Budget, parse_duration
 
     b = comparison.budget
     return Budget(b.get("epochs"), b.get("steps"), parse_duration(str(b["time"])) if "time" in b else None)
@@ -192,7 +190,8 @@ def run_comparison(
     ``teacher`` (selftrain comparisons): start every seed from this model instead of
     training round 0.
     """
-    from cellnest.train import discard_unstarted_run, finished_state, train_from_folders
+    from cellnest.assemble import train_from_folders
+    from cellnest.run import RunFolder
 
     if teacher is not None and comparison.kind != "selftrain":
         raise ValueError(f"--teacher is for selftrain comparisons; {comparison.name!r} is a {comparison.kind} comparison")
@@ -214,9 +213,10 @@ def run_comparison(
             for seed in comparison.seeds:
                 run_dir = out / _slug(variant.name) / f"seed{seed}"
                 recipe = _variant_recipe(comparison, variant, seed)
-                if finished_state(run_dir, budget, recipe) is None:  # not yet trained, interrupted, or a larger budget
-                    discard_unstarted_run(run_dir)
-                    train_from_folders(recipe, data, run_dir, None, None, budget, device, (run_dir / "checkpoint.pt").exists(), progress=progress)
+                run = RunFolder(run_dir)
+                if run.finished_state(budget, recipe) is None:  # not yet trained, interrupted, or a larger budget
+                    run.discard_unstarted()
+                    train_from_folders(recipe, data, run_dir, None, None, budget, device, run.has_checkpoint, progress=progress)
                 runs.append(_run_scores(run_dir, run_dir / "model.pt", val_items, recipe, device))
                 log.info("%s seed %d: mean F1 %.4f", variant.name, seed, np.mean([f for _, _, f in runs[-1]]))
             per_variant[variant.name] = runs
@@ -241,15 +241,14 @@ def run_comparison(
     else:
         if model is None:
             raise ValueError("a postprocess comparison needs --model (one trained model)")
-        from cellnest.models import build_network, read_model_file, sized_at
-        from cellnest.predict import Predictor, PredictorConfig
+        from cellnest.modelfile import ModelFile
+        from cellnest.predict import Predictor
 
-        bundle = read_model_file(model)
-        targets = TargetConfig(**{**bundle.get("targets", {}), "weight_maps": False})
-        samples = [SampleCache().load(i, targets, sized_at(bundle)) for i in val_items]
-        predictor = Predictor(build_network(bundle, model), PredictorConfig.from_dict(bundle["predictor"]), device)
+        kept = ModelFile.load(model)
+        samples = [SampleCache().load(i, kept.inference_targets, kept.cell_diameter) for i in val_items]
+        predictor = Predictor(kept.build_network(), kept.predictor, device)
         probabilities = [predictor(np.asarray(s.image)) for s in samples]
-        base = PostprocessConfig.from_dict(bundle["postprocess"])
+        base = kept.postprocess
         for variant in comparison.variants:
             config = PostprocessConfig.from_dict({**base.to_dict(), **variant.postprocess})
             scores = [score_image(np.asarray(s.labels), probabilities_to_instances(p, config), s.name, s.modality)
@@ -317,11 +316,7 @@ def summarise(per_variant: dict[str, list[list[tuple[str, str, float]]]], seed: 
 
 def write_table(out: Path, comparison: Comparison, rows: Sequence[dict]) -> None:
     """``table.md``, ``table.csv`` and ``bars.png`` (mean F1 over all images with its interval)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(out / "table.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
+    write_csv(out / "table.csv", rows)
     n_images = next((r["n_images"] for r in rows if r["modality"] == "all"), 0)
     subset = f"; scored on a fixed random subset of {n_images} validation images" if comparison.val_images and n_images == comparison.val_images else ""
     lines = [f"# {comparison.name}", "", comparison.description, "", f"Budget: {comparison.budget or 'one trained model'}; "
@@ -335,15 +330,10 @@ def write_table(out: Path, comparison: Comparison, rows: Sequence[dict]) -> None
                      f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {vs} | {'' if not vs else r['reference']} | {above} |")
     atomic_write(out / "table.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     overall = [r for r in rows if r["modality"] == "all"]
     paired = [r for r in overall if r["reference"] != r["variant"]]
     # left: each variant's mean F1; right: the paired differences, which small effects need
-    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(max(4, 1.3 * len(overall)) * (2 if paired else 1), 4.5), squeeze=False)
+    fig, axes = new_figure(1, 2 if paired else 1, figsize=(max(4, 1.3 * len(overall)) * (2 if paired else 1), 4.5))
     ax = axes[0, 0]
     errors = np.array([[r["mean_f1"] - r["ci_low"] for r in overall], [r["ci_high"] - r["mean_f1"] for r in overall]])
     ax.bar(range(len(overall)), [r["mean_f1"] for r in overall], yerr=errors, capsize=4, color="#4c72b0")
@@ -356,8 +346,4 @@ def write_table(out: Path, comparison: Comparison, rows: Sequence[dict]) -> None
         ax.axhline(0, color="grey", lw=1)
         ax.set_xticks(range(len(paired)), [f"{r['variant']} - {r['reference']}" for r in paired], rotation=30, ha="right")
         ax.set(ylabel="F1 difference, paired 95% CI", title="differences (all images)")
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write(out / "bars.png", lambda tmp: tmp.write_bytes(image.getvalue()))
+    write_figure(out / "bars.png", fig)

@@ -31,7 +31,7 @@ import numpy as np
 
 from cellnest.diameter import interior_median_diameter, rescale_image, rescale_labels, training_scale
 from cellnest.io import ImageReadError, list_images, read_image, read_labels
-from cellnest.normalize import normalize_image
+from cellnest.normalize import LOWER_PERCENTILE, UPPER_PERCENTILE, normalize_image
 from cellnest.targets import instances_to_classes, weight_map
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,8 @@ def grouped_kfold(items: Sequence[Item], k: int = 5, seed: int = 0) -> list[tupl
 class TargetConfig:
     """How an image and its labels become training arrays (part of every recipe)."""
 
-    lower_percentile: float = 1.0
-    upper_percentile: float = 99.0
+    lower_percentile: float = LOWER_PERCENTILE
+    upper_percentile: float = UPPER_PERCENTILE
     boundary_width: int = 1
     weight_maps: bool = True
     w0: float = 10.0

@@ -9,7 +9,6 @@ A missing prediction scores F1 = 0 and is reported by name. Modalities come from
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cellnest.data import Item, label_path_for, read_csv_column
-from cellnest.io import MAX_PIXELS, ImageReadError, atomic_write, read_image, read_labels, refuse_existing
+from cellnest.io import MAX_PIXELS, ImageReadError, atomic_write, read_image, read_labels, refuse_existing, write_csv
 from cellnest.metrics import THRESHOLDS, ImageScore, score_image, summarize
 
 log = logging.getLogger(__name__)
@@ -119,12 +118,8 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike, overwri
 
 def write_scores_csv(path: str | os.PathLike, scores: Sequence[ImageScore]) -> Path:
     """One row per image (:meth:`ImageScore.row` columns), written atomically."""
-    buffer = io.StringIO()
     rows = [s.row() for s in scores]
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["name"])
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write(Path(path), lambda tmp: tmp.write_text(buffer.getvalue()))
+    return write_csv(path, rows, None if rows else ["name"])
 
 
 def read_scores_csv(path: str | os.PathLike) -> list[tuple[str, str, float]]:

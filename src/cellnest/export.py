@@ -40,6 +40,28 @@ def measure_cells(labels: np.ndarray, image: np.ndarray | None = None) -> dict[s
     return regionprops_table(labels, intensity_image=image, properties=properties)
 
 
+def new_figure(rows: int, columns: int, figsize: tuple[float, float]):
+    """``(figure, axes)`` from matplotlib's file-only backend (no display needed); axes is
+    a (rows, columns) array. Save it with :func:`write_figure`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, columns, figsize=figsize, squeeze=False)
+
+
+def write_figure(path: str | os.PathLike, figure) -> Path:
+    """Save a matplotlib figure as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+
 def write_measurements(path: str | os.PathLike, table: dict[str, np.ndarray]) -> Path:
     """Write a :func:`measure_cells` table as CSV, atomically."""
     buffer = io.StringIO()

@@ -330,6 +330,19 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
     return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, out, compression="zlib"))
 
 
+def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:
+    """Rows of dicts as CSV, atomically; ``columns`` default to every key in first-seen order."""
+    import csv
+    import io
+
+    columns = list(columns) if columns is not None else list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
+
+
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     """Write an (H, W, 3) uint8 picture (overlays, previews) as PNG, atomically."""
     import imageio.v3 as iio

@@ -4,40 +4,29 @@ A *segmenter* maps a raw ``(H, W, C)`` image of any real dtype to an ``(H, W)`` 
 instance map. Every segmenter normalises with the whole image's percentiles and, above
 ``max_whole_pixels``, works block by block (:mod:`cellnest.blocks`) so memory stays bounded.
 
-A *model file* (``.pt``) is one ``torch.save`` dict, loadable with
-``torch.load(weights_only=True)``::
-
-    {"format": "cellnest-model", "version": 1,
-     "network": {"name": "attn_unetpp", "cfg": {...}, "in_channels": 3, "out_channels": 3},
-     "targets": {...}, "predictor": {...}, "postprocess": {...}, "meta": {...},
-     "state_dict": {...}}
-
-so the network, its normalisation, tile size, post-processing and tuned thresholds travel
-together. ``--model`` accepts a registered name (``classical``, or a model shipped in
-``cellnest/weights/``), a path to a ``.pt`` file, or a run folder holding ``model.pt``.
+A model file (:mod:`cellnest.modelfile`) carries a network with its normalisation,
+window size and post-processing. ``--model`` accepts a registered name (``classical``,
+or a model shipped in ``cellnest/weights/``), a path to a ``.pt`` file, or a run folder
+holding ``model.pt``.
 Several models form an ensemble whose softmax outputs are averaged.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
-import torch.nn as nn
 
 from cellnest.blocks import segment_in_blocks
 from cellnest.catalog import DEFAULT_MODEL, model_path, shipped_models
 from cellnest.classical import ClassicalConfig, segment_normalized_classical
 from cellnest.diameter import TOLERANCE, interior_median_diameter, rescale_image, resize_labels, scale_for, search_diameter
-from cellnest.io import atomic_write, first_line
-from cellnest.normalize import apply_image_percentiles, image_percentiles
+from cellnest.modelfile import ModelFile
+from cellnest.normalize import LOWER_PERCENTILE, UPPER_PERCENTILE, apply_image_percentiles, image_percentiles
 from cellnest.postprocess import PostprocessConfig, probabilities_to_instances
 from cellnest.predict import Predictor, PredictorConfig, resolve_device
 from cellnest.runtime import on_backend
@@ -46,17 +35,7 @@ from cellnest.timing import stage
 
 log = logging.getLogger(__name__)
 
-MODEL_FORMAT = "cellnest-model"
-MODEL_VERSION = 1
 ESTIMATORS = ("size_model", "search", "combined")
-
-
-class ModelFileError(ValueError):
-    """A model file that cannot be used; ``str(err)`` is ``"<path>: <problem>"``."""
-
-    def __init__(self, path: str | os.PathLike, problem: str):
-        super().__init__(f"{path}: {problem}")
-        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -97,8 +76,8 @@ class Segmenter:
     """
 
     name: str = "segmenter"
-    lower_percentile: float = 1.0
-    upper_percentile: float = 99.0
+    lower_percentile: float = LOWER_PERCENTILE
+    upper_percentile: float = UPPER_PERCENTILE
     max_whole_pixels: int = 4096 * 4096
     block: int = 2048
     block_tile: int = 512
@@ -238,106 +217,6 @@ class NetworkSegmenter(Segmenter):
             return probabilities_to_instances(probabilities, self.postprocess)
 
 
-def _plain(values: dict) -> dict:
-    """Only the plain types ``torch.load(weights_only=True)`` accepts (e.g. no TorchVersion)."""
-    return json.loads(json.dumps(values, default=str))
-
-
-def save_model(
-    path: str | os.PathLike,
-    model: nn.Module,
-    network: dict,
-    targets: dict,
-    predictor: PredictorConfig,
-    postprocess: PostprocessConfig,
-    meta: dict | None = None,
-    half: bool = False,
-) -> Path:
-    """Write a model file atomically (see the module docstring for its layout).
-
-    ``half=True`` stores floating-point weights as float16 (half the size); they are
-    cast back to float32 on load.
-    """
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    state = half_state(state) if half else state
-    bundle = {
-        "format": MODEL_FORMAT,
-        "version": MODEL_VERSION,
-        "network": _plain(network),
-        "targets": _plain(targets),
-        "predictor": _plain(predictor.to_dict()),
-        "postprocess": _plain(postprocess.to_dict()),
-        "meta": _plain(meta or {}),
-        "state_dict": state,
-    }
-    return write_model_file(path, bundle)
-
-
-def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict with its floating-point tensors cast to float16 (integer buffers kept)."""
-    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def write_model_file(path: str | os.PathLike, bundle: dict) -> Path:
-    """Write a model-file dict atomically (temporary file, then rename)."""
-    return atomic_write(path, lambda tmp: torch.save(bundle, tmp))
-
-
-def read_model_file(path: str | os.PathLike) -> dict:
-    """Load and check a model file's dict (weights only; no code is unpickled)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.is_file():
-        raise ModelFileError(path, "model file not found")
-    try:
-        bundle = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a corrupt or foreign file
-        raise ModelFileError(path, f"not a readable model file ({type(err).__name__}: {first_line(err)})") from None
-    if not isinstance(bundle, dict) or bundle.get("format") != MODEL_FORMAT:
-        raise ModelFileError(path, f"not a cellnest model file (no format '{MODEL_FORMAT}')")
-    if bundle.get("version") != MODEL_VERSION:
-        raise ModelFileError(path, f"model file version {bundle.get('version')} is not supported (expected {MODEL_VERSION})")
-    missing = [k for k in ("network", "predictor", "postprocess", "state_dict") if k not in bundle]
-    if missing:
-        raise ModelFileError(path, f"model file lacks {', '.join(missing)}")
-    return bundle
-
-
-def build_network(bundle: dict, path: str | os.PathLike = "<model>") -> nn.Module:
-    """Rebuild the network of a model file and load its weights (float32)."""
-    from cellnest.nets import build_model
-    from cellnest.nets.registry import declared_shapes
-
-    spec = bundle["network"]
-
-    args = (spec.get("name"), spec.get("in_channels", 3), spec.get("out_channels", 3))
-    try:  # only a network whose shapes match the file's own weights is built
-        declared = declared_shapes(*args, **spec.get("cfg", {}))
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise ModelFileError(path, f"cannot build its network ({first_line(err)})") from None
-    weights = bundle["state_dict"]
-    stored = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
-    if declared != stored:
-        wrong = sorted(set(declared) ^ set(stored)) or [k for k in declared if declared[k] != stored[k]]
-        size = sum(math.prod(shape) for shape in declared.values())
-        raise ModelFileError(path, f"its weights do not fit the network it declares ({size:,} values; first mismatch: "
-                                   f"{wrong[0]})")
-    model = build_model(*args, **spec.get("cfg", {}))
-    try:
-        model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in weights.items()})
-    except (RuntimeError, AttributeError) as err:
-        raise ModelFileError(path, f"weights do not fit the network ({first_line(err)})") from None
-    return model
-
-
-def sized_at(bundle: dict) -> float | None:
-    """The cell diameter a model file was trained at (``data.diameter``), or None for a
-    model trained at native scale: its samples must be prepared at that size."""
-    meta = bundle.get("meta", {})
-    return meta.get("cell_diameter") if meta.get("size_normalised") else None
-
-
 def load_segmenter(
     models: str | Sequence[str] = DEFAULT_MODEL,
     device: str = "auto",
@@ -372,36 +251,30 @@ def load_segmenter(
         if len(paths) > 1:
             raise ValueError("the classical baseline cannot be part of an ensemble")
         return ClassicalSegmenter(diameter=None if diameter in (None, "native") else diameter)
-    bundles = [read_model_file(p) for p in paths]
-    networks = [build_network(b, p) for b, p in zip(bundles, paths)]
-    first = bundles[0]
-    classes = {b["network"].get("out_channels", 3) for b in bundles}
-    if len(classes) > 1:
-        raise ValueError(f"ensemble members disagree on the number of classes: {sorted(classes)}")
-    percentiles = {(b.get("targets", {}).get("lower_percentile"), b.get("targets", {}).get("upper_percentile")) for b in bundles}
-    if len(percentiles) > 1:
-        raise ValueError(f"ensemble members normalise differently (percentiles {sorted(percentiles, key=str)}); they cannot share one input")
-    sizes = {(b.get("meta", {}).get("cell_diameter"), bool(b.get("meta", {}).get("size_normalised"))) for b in bundles}
-    if len(sizes) > 1:
-        raise ValueError(f"ensemble members were trained at different cell sizes ({sorted(sizes, key=str)}); they cannot share one input")
-    predictor_config = PredictorConfig.from_dict({**first["predictor"], **(predictor or {})})
+    files = [ModelFile.load(p) for p in paths]
+    networks = [f.build_network() for f in files]
+    first = files[0]
+    for what, values in (("the number of classes", {f.network.out_channels for f in files}),
+                         ("normalisation percentiles", {(f.targets.lower_percentile, f.targets.upper_percentile) for f in files}),
+                         ("training cell size", {(f.meta.get("cell_diameter"), bool(f.meta.get("size_normalised"))) for f in files})):
+        if len(values) > 1:  # one input image must suit every member
+            raise ValueError(f"ensemble members disagree on {what} ({sorted(values, key=str)}); they cannot share one input")
+    predictor_config = PredictorConfig.from_dict({**first.predictor.to_dict(), **(predictor or {})})
     device = resolve_device(device)
     networks = [on_backend(n, backend, device) for n in networks]
-    targets = first.get("targets", {})
-    meta = first.get("meta", {})
     name = "+".join(Path(s).stem if s not in shipped_models() else s for s in specs)
     if diameter is None:
-        diameter = "auto" if meta.get("size_normalised") else "native"
-    size_model = SizeModel.from_dict(first["size_model"]) if first.get("size_model") else None
+        diameter = "auto" if first.meta.get("size_normalised") else "native"
+    size_model = SizeModel.from_dict(first.size_model) if first.size_model else None
     if estimator == "size_model" and size_model is None:
         raise ValueError(f"{paths[0]}: has no size model (fitted after training at one cell size); use --estimator search")
     return NetworkSegmenter(
         name=name,
-        lower_percentile=targets.get("lower_percentile", 1.0),
-        upper_percentile=targets.get("upper_percentile", 99.0),
+        lower_percentile=first.targets.lower_percentile,
+        upper_percentile=first.targets.upper_percentile,
         predictor=Predictor(networks, predictor_config, device),
-        postprocess=PostprocessConfig.from_dict(first["postprocess"]),
-        cell_diameter=meta.get("cell_diameter"),
+        postprocess=first.postprocess,
+        cell_diameter=first.meta.get("cell_diameter"),
         diameter=None if diameter == "native" else diameter,
         estimator=estimator or ("size_model" if size_model is not None else "search"),
         size_model=size_model,

@@ -13,6 +13,8 @@ import numpy as np
 # Integer images with at most this many distinct values get exact percentiles from a
 # histogram (no float copy of the image): uint8 and uint16.
 _HISTOGRAM_MAX_VALUE = 65535
+# The percentiles of the non-zero pixels mapped to 0 and 1, unless a recipe says otherwise.
+LOWER_PERCENTILE, UPPER_PERCENTILE = 1.0, 99.0
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
@@ -42,7 +44,7 @@ def _histogram_percentiles(counts: np.ndarray, qs: tuple[float, ...]) -> list[fl
     return out
 
 
-def channel_percentiles(channel: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> tuple[float, float] | None:
+def channel_percentiles(channel: np.ndarray, lower: float = LOWER_PERCENTILE, upper: float = UPPER_PERCENTILE) -> tuple[float, float] | None:
     """The ``lower`` and ``upper`` percentiles of a channel's non-zero pixels.
 
     Returns None for an all-zero channel. Flat non-zero percentiles in a channel that also
@@ -96,7 +98,7 @@ def apply_percentiles(channel: np.ndarray, bounds: tuple[float, float] | None) -
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def normalize_channel(channel: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
+def normalize_channel(channel: np.ndarray, lower: float = LOWER_PERCENTILE, upper: float = UPPER_PERCENTILE) -> np.ndarray:
     """Rescale one channel between percentiles of its non-zero pixels, clipped to [0, 1].
 
     Parameters
@@ -112,7 +114,7 @@ def normalize_channel(channel: np.ndarray, lower: float = 1.0, upper: float = 99
     return apply_percentiles(channel, channel_percentiles(channel, lower, upper))
 
 
-def image_percentiles(image: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> list[tuple[float, float] | None]:
+def image_percentiles(image: np.ndarray, lower: float = LOWER_PERCENTILE, upper: float = UPPER_PERCENTILE) -> list[tuple[float, float] | None]:
     """:func:`channel_percentiles` of each channel of an (H, W, C) image."""
     image = np.asarray(image)
     if image.ndim != 3:
@@ -135,7 +137,7 @@ def apply_image_percentiles(image: np.ndarray, bounds: list[tuple[float, float] 
     return out
 
 
-def normalize_image(image: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
+def normalize_image(image: np.ndarray, lower: float = LOWER_PERCENTILE, upper: float = UPPER_PERCENTILE) -> np.ndarray:
     """Normalise every channel of a channel-last image with :func:`normalize_channel`.
 
     Parameters

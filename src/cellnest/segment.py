@@ -10,9 +10,7 @@ and skipped; the others go on.
 
 from __future__ import annotations
 
-import csv
 import glob
-import io
 import logging
 import os
 import time
@@ -26,8 +24,8 @@ from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
 from cellnest.export import measure_cells, write_geojson, write_measurements
-from cellnest.io import (IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, OutputExistsError, atomic_write, folder_lock,
-                         list_images, read_image, refuse_existing, write_labels, write_png)
+from cellnest.io import (IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, OutputExistsError, folder_lock,
+                         list_images, read_image, refuse_existing, write_csv, write_labels, write_png)
 from cellnest.models import Segmenter
 from cellnest.normalize import normalize_image
 from cellnest.timing import stage
@@ -303,11 +301,5 @@ def _write_outputs(target: Path, extras: list[Path], image: np.ndarray, labels: 
 
 def write_summary(path: Path, results: Sequence[ImageResult]) -> Path:
     """CSV of per-image results (input, name, model, cells, seconds, output, error), atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(asdict(ImageResult("", "")).keys()))
-    writer.writeheader()
-    for r in results:
-        row = asdict(r)
-        row["seconds"] = f"{r.seconds:.3f}"
-        writer.writerow(row)
-    return atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
+    rows = [{**asdict(r), "seconds": f"{r.seconds:.3f}"} for r in results]
+    return write_csv(path, rows, list(asdict(ImageResult("", ""))))

@@ -29,8 +29,6 @@ images helped or only the extra steps did.
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import logging
 import os
 from pathlib import Path
@@ -43,14 +41,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cellnest.data import Sample, SampleCache, load_folder
-from cellnest.io import atomic_write, write_labels, write_png
+from cellnest.io import atomic_write, write_csv, write_labels, write_png
 from cellnest.patches import PatchDataset
 from cellnest.postprocess import probabilities_to_instances
 from cellnest.predict import Predictor
 from cellnest.recipe import Recipe, SelfTrainConfig, apply_override
 from cellnest.targets import weight_map
-from cellnest.train import (Budget, State, Trainer, discard_unstarted_run, distributed_env, finished_state, load_samples,
-                            prepare_run_folder)
+from cellnest.assemble import build_trainer, distributed_env, load_samples
+from cellnest.modelfile import ModelFile
+from cellnest.run import Budget, RunFolder, State
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +186,6 @@ def self_train(
     predicted again), interrupted ones resume, and ones stopped before their first
     checkpoint start over.
     """
-    from cellnest.models import build_network, read_model_file
-
     config = recipe.selftrain
     if recipe.data.diameter is not None:
         # Unlabelled images have no labels to size them by; sizing them with the teacher's
@@ -200,19 +197,20 @@ def self_train(
     unlabeled_samples = load_samples(load_folder(unlabeled), recipe, cache, progress)
     val_samples = load_samples(load_folder(val, require_labels=True), recipe, cache, progress) if val else []
 
+    writer = distributed_env()[0] == 0
+
     def finished(name: str, run_recipe: Recipe) -> State | None:
-        return finished_state(out / name, budget, run_recipe) if resume else None
+        return RunFolder(out / name, writer).finished_state(budget, run_recipe) if resume else None
 
     def run_round(name: str, run_recipe: Recipe, samples, init=None, extra=None) -> State:
-        run_dir = out / name
         if resume:
-            discard_unstarted_run(run_dir)
-        resuming = resume and (run_dir / "checkpoint.pt").exists()
-        prepare_run_folder(run_dir, resuming)
-        trainer = Trainer(run_recipe, samples, val_samples, run_dir, budget, device, progress, init_weights=init, extra=extra)
-        if resuming:
+            RunFolder(out / name, writer).discard_unstarted()
+        run = RunFolder.open(out / name, run_recipe, resume, writer)
+        trainer, finish = build_trainer(run_recipe, samples, val_samples, run, budget, device, progress, init_weights=init,
+                                        extra=extra)
+        if resume and run.has_checkpoint:
             trainer.resume()
-        return trainer.fit()
+        return trainer.fit(finish)
 
     rows = []
     if teacher is None:
@@ -224,33 +222,31 @@ def self_train(
     twin = teacher
     student_recipe = _student_recipe(recipe, config.finetune_lr)
     for r in range(1, config.rounds + 1):
-        bundle = read_model_file(teacher)
+        taught = ModelFile.load(teacher)
         state = finished(f"round{r}", student_recipe)  # reused as it is: no pseudo-labels predicted again
         if state is None and config.method == "pseudo_label":
-            pseudo = pseudo_label(build_network(bundle, teacher), unlabeled_samples, recipe, device, config.confidence, progress)
-            if distributed_env()[0] == 0:
+            pseudo = pseudo_label(taught.build_network(), unlabeled_samples, recipe, device, config.confidence, progress)
+            if writer:
                 _write_pseudo_labels(out / f"round{r}" / "pseudo", pseudo, config.overlays)
-            state = run_round(f"round{r}", student_recipe, labeled_samples + pseudo, init=bundle["state_dict"])
+            state = run_round(f"round{r}", student_recipe, labeled_samples + pseudo, init=taught.state_dict)
         elif state is None:
-            term = ConsistencyTerm(build_network(bundle, teacher), unlabeled_samples, recipe.data.patch_size, config, recipe.train.seed + r)
-            state = run_round(f"round{r}", student_recipe, labeled_samples, init=bundle["state_dict"], extra=term)
+            term = ConsistencyTerm(taught.build_network(), unlabeled_samples, recipe.data.patch_size, config, recipe.train.seed + r)
+            state = run_round(f"round{r}", student_recipe, labeled_samples, init=taught.state_dict, extra=term)
         teacher = out / f"round{r}" / "model.pt"
         rows.append(_row(r, "student", state, teacher))
         log.info("round %d: best validation mean F1 %.4f", r, state.best_f1)
         if control:
-            state = finished(f"control{r}", student_recipe) or run_round(f"control{r}", student_recipe, labeled_samples, init=read_model_file(twin)["state_dict"])
+            state = finished(f"control{r}", student_recipe) or run_round(f"control{r}", student_recipe, labeled_samples, init=ModelFile.load(twin).state_dict)
             twin = out / f"control{r}" / "model.pt"
             rows.append(_row(r, "supervised only", state, twin))
             log.info("round %d, supervised only: best validation mean F1 %.4f", r, state.best_f1)
-    if distributed_env()[0] == 0:
+    if writer:
         write_rounds(out, rows, config)
     return rows
 
 
 def _row(round_: int, arm: str, state: State | None, model: Path) -> dict:
-    from cellnest.models import read_model_file
-
-    validation = read_model_file(model)["meta"].get("validation", {}) if model.exists() else {}
+    validation = ModelFile.load(model).meta.get("validation", {}) if model.exists() else {}
     row = {"round": round_, "arm": arm, "model": str(model)}
     row.update({f"f1_{m}": round(v["mean_f1"], 4) for m, v in validation.items()})
     if state is not None:
@@ -261,11 +257,7 @@ def _row(round_: int, arm: str, state: State | None, model: Path) -> dict:
 def write_rounds(out: Path, rows: Sequence[dict], config: SelfTrainConfig) -> None:
     """``selftrain.csv`` and ``selftrain.md``: validation F1 per modality for every round."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(out / "selftrain.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
+    write_csv(out / "selftrain.csv", rows, columns)
     f1_columns = [c for c in columns if c.startswith("f1_")]
     lines = [f"Self-training ({config.method}), validation mean F1 of each round's best model (round 0 = teacher; "
              "'supervised only' = the same budget on the labelled images alone).", "",

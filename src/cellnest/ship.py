@@ -20,7 +20,7 @@ import re
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +36,8 @@ from cellnest.io import atomic_write
 from cellnest.metrics import format_table, modality_mean, summarize
 from cellnest.predict import PredictorConfig
 from cellnest.catalog import WEIGHTS_DIR
-from cellnest.models import build_network, half_state, load_segmenter, read_model_file, write_model_file
+from cellnest.modelfile import ModelFile
+from cellnest.models import load_segmenter
 from cellnest.synthetic import SyntheticSpec, synthetic_cells, to_uint
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -102,13 +103,13 @@ def run_length(run_dir: Path) -> tuple[int | None, float | None]:
     return int(rows[-1]["step"]), float(rows[-1]["seconds"])
 
 
-def _size_line(bundle: dict) -> str:
+def _size_line(model: ModelFile) -> str:
     """The card's cell-size line: the size a model was trained at and how inference finds it."""
-    meta = bundle.get("meta", {})
+    meta = model.meta
     if meta.get("size_normalised"):
         fit = meta.get("size_model_fit", {})
         how = (f"its size model (ridge on pooled deep features; held-out median |log2 error| "
-               f"{fit.get('held_out_median_abs_log2_error', '?')} on training windows)" if bundle.get("size_model") else "the multi-scale search")
+               f"{fit.get('held_out_median_abs_log2_error', '?')} on training windows)" if model.size_model else "the multi-scale search")
         return (f"- Cell size: trained with every image resized to a median cell diameter of {meta['cell_diameter']:g} px. "
                 f"`--diameter auto` (the default) estimates each image's cell size with {how}, checks it on the cells found, "
                 "and resizes; `--diameter PIXELS` gives the size, `--diameter native` turns resizing off.")
@@ -121,7 +122,7 @@ def _size_line(bundle: dict) -> str:
 def model_card(
     *,
     name: str,
-    bundle: dict,
+    model: ModelFile,
     recipe_text: str | None,
     summary: dict[str, dict[str, float]],
     val_dir: Path,
@@ -137,9 +138,8 @@ def model_card(
     backend: str,
 ) -> str:
     """The model card's markdown (pure function of its arguments)."""
-    meta = bundle.get("meta", {})
-    network, post, targets = bundle["network"], bundle["postprocess"], bundle.get("targets", {})
-    params = sum(v.numel() for v in bundle["state_dict"].values() if v.is_floating_point())
+    meta, network, post, targets = model.meta, model.network, model.postprocess.to_dict(), model.targets
+    params = sum(v.numel() for v in model.state_dict.values() if v.is_floating_point())
     steps, seconds = steps_seconds
     recipe = meta.get("recipe", "?")
     tuned = "postprocess_tuned_f1" in meta
@@ -154,16 +154,16 @@ def model_card(
         "",
         "## Network and outputs",
         "",
-        f"- `{network['name']}` {network.get('cfg', {})}: {params / 1e6:.2f} M parameters, stored as float16 "
+        f"- `{network.name}` {network.cfg}: {params / 1e6:.2f} M parameters, stored as float16 "
         f"({size_bytes / 2**20:.1f} MiB), run in float32.",
         "- Output: 3 classes per pixel (background, cell interior, cell boundary); instances by "
         f"`{post['method']}` post-processing, "
         + ("method and thresholds tuned on the run's validation images" if tuned else "the recipe's thresholds")
         + f": `{post}`.",
         "- Input: any 2-D grey or RGB image, 8/16-bit or float; each channel rescaled between its "
-        f"percentiles {targets.get('lower_percentile', 1.0):g} and {targets.get('upper_percentile', 99.0):g} "
-        f"of non-zero pixels. Sliding window: `{bundle['predictor']}`.",
-        _size_line(bundle),
+        f"percentiles {targets.lower_percentile:g} and {targets.upper_percentile:g} "
+        f"of non-zero pixels. Sliding window: `{model.predictor.to_dict()}`.",
+        _size_line(model),
         "",
         "## Training",
         "",
@@ -247,8 +247,8 @@ def ship_model(
     out_dir = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
     source = run / "model.pt" if run.is_dir() else run
     target = out_dir / f"{name}.pt"
-    bundle = read_model_file(source)
-    build_network(bundle, source)  # weights that do not fit their network are refused before anything is written
+    found = ModelFile.load(source)
+    found.build_network()  # weights that do not fit their network are refused before anything is written
     items = load_folder(val, require_labels=True)
     sources = training_sources(train_data) if train_data is not None else []
     trained_on = load_folder(train_data, require_labels=False) if train_data is not None else []
@@ -260,15 +260,14 @@ def ship_model(
     recipe_path = source.with_name("recipe.yaml")
     recipe_text = recipe_path.read_text() if recipe_path.is_file() else None
 
-    window = PredictorConfig.from_dict({**bundle["predictor"], **(predictor or {})}).to_dict()
-    meta = {**bundle.get("meta", {}), "shipped_name": name}
-    if diameter is not None and not meta.get("size_normalised"):  # a size-normalised model keeps its training diameter
-        meta["cell_diameter"] = round(diameter, 2)
-    shipped = {**bundle, "predictor": window, "meta": meta, "state_dict": half_state(bundle["state_dict"])}
-    if meta.get("size_normalised") and not bundle.get("size_model") and trained_on:
+    window = PredictorConfig.from_dict({**found.predictor.to_dict(), **(predictor or {})})
+    shipped = replace(found, predictor=window).with_meta(shipped_name=name).half()
+    if diameter is not None and not shipped.meta.get("size_normalised"):  # a size-normalised model keeps its training diameter
+        shipped = shipped.with_meta(cell_diameter=round(diameter, 2))
+    if shipped.meta.get("size_normalised") and not shipped.size_model and trained_on:
         shipped = with_size_model(shipped, trained_on, progress=progress)  # --diameter auto's estimator
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = write_model_file(target, shipped)
+    weights = shipped.save(target)
     try:
         segmenter = load_segmenter(str(weights), device="cpu")
         scores, seconds_per_image = score_segmenter(segmenter, items, progress)
@@ -278,7 +277,7 @@ def ship_model(
         raise
     summary = summarize(scores)
     card_text = model_card(
-        name=name, bundle=shipped, recipe_text=recipe_text, summary=summary, val_dir=val,
+        name=name, model=shipped, recipe_text=recipe_text, summary=summary, val_dir=val,
         seconds_per_image=seconds_per_image, speed_side=speed_side, seconds_large=seconds_large, sources=sources,
         command=command, steps_seconds=run_length(source.parent), size_bytes=weights.stat().st_size,
         cpu=cpu_name(), threads=torch.get_num_threads(), backend=getattr(segmenter.predictor.models[0].net, "backend", "torch"),

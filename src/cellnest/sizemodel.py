@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -33,7 +33,8 @@ from tqdm import tqdm
 from cellnest.data import Item
 from cellnest.diameter import interior_median_diameter, rescale_image, resize_labels, window_slices
 from cellnest.io import read_image, read_labels
-from cellnest.normalize import apply_image_percentiles, image_percentiles
+from cellnest.modelfile import ModelFile
+from cellnest.normalize import LOWER_PERCENTILE, UPPER_PERCENTILE, apply_image_percentiles, image_percentiles
 from cellnest.runtime import RuntimeNet, coarsest_positions
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,8 @@ def ridge(features: np.ndarray, targets: np.ndarray, alpha: float) -> tuple[np.n
 def fit_size_model(
     model: nn.Module,
     items: Sequence[Item],
-    lower_percentile: float = 1.0,
-    upper_percentile: float = 99.0,
+    lower_percentile: float = LOWER_PERCENTILE,
+    upper_percentile: float = UPPER_PERCENTILE,
     max_images: int = 300,
     draws: int = 2,
     scale_range: float = 1.25,
@@ -206,12 +207,10 @@ def _balanced(items: Sequence[Item], limit: int, rng: np.random.Generator) -> li
     return chosen
 
 
-def with_size_model(bundle: dict, items: Sequence[Item], device: torch.device | str = "cpu", progress: bool = True) -> dict:
-    """A copy of a model-file dict with a size model fitted on labelled ``items``
-    (``"size_model"``, and its fit statistics in ``meta["size_model_fit"]``)."""
-    from cellnest.models import build_network
-
-    targets = bundle.get("targets", {})
-    fitted, stats = fit_size_model(build_network(bundle).to(device), items, targets.get("lower_percentile", 1.0),
-                                   targets.get("upper_percentile", 99.0), device=device, progress=progress)
-    return {**bundle, "size_model": fitted.to_dict(), "meta": {**bundle.get("meta", {}), "size_model_fit": stats}}
+def with_size_model(model: ModelFile, items: Sequence[Item], device: torch.device | str = "cpu",
+                    progress: bool = True) -> ModelFile:
+    """A copy of a model file with a size model fitted on labelled ``items`` (and its fit
+    statistics in ``meta["size_model_fit"]``)."""
+    fitted, stats = fit_size_model(model.build_network().to(device), items, model.targets.lower_percentile,
+                                   model.targets.upper_percentile, device=device, progress=progress)
+    return replace(model.with_meta(size_model_fit=stats), size_model=fitted.to_dict())

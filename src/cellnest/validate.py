@@ -104,6 +104,26 @@ def tune_thresholds(
     return best, best_f1, per_method
 
 
+def tune_kept_model(path: Path, samples: Sequence[Sample], predictor: PredictorConfig, base: PostprocessConfig,
+                    device, methods: Sequence[str] = tuple(TUNE_GRIDS), select_by: str = "modality_mean") -> str:
+    """Choose the post-processing of the model file at ``path`` on validation ``samples``
+    and rewrite the file if it beats ``base``; returns a sentence for the run's report."""
+    from cellnest.modelfile import ModelFile
+
+    kept = ModelFile.load(path)
+    result = validate(kept.build_network(), samples, predictor, base, device, keep_probabilities=True)
+    untuned = result.score(select_by)
+    tuned, tuned_f1, per_method = tune_thresholds(result.probabilities, samples, base, methods, select_by)
+    methods_f1 = ", ".join(f"{m} {f:.4f}" for m, f in per_method.items())
+    if tuned_f1 <= untuned:
+        return f"Tuning found nothing better than the recipe's post-processing ({select_by} F1 {untuned:.4f}; per method: {methods_f1})."
+    replace(kept, postprocess=tuned).with_meta(
+        postprocess_tuned_f1=round(tuned_f1, 5), postprocess_untuned_f1=round(untuned, 5),
+        postprocess_methods_f1=per_method, postprocess_select_by=select_by).save(path)
+    return (f"Post-processing tuned on the validation images ({select_by} F1): {untuned:.4f} with the recipe's "
+            f"{base.method} -> {tuned_f1:.4f} with {tuned.method} ({tuned.to_dict()}). Best mean F1 per method: {methods_f1}.")
+
+
 def summary_line(summary: dict[str, dict[str, float]]) -> str:
     """``0.712 (DIC 0.100, fluorescence 0.800, ...)`` for logs."""
     if not summary:
@@ -128,22 +148,19 @@ def retune_model_file(
     per-method scores in its ``meta`` (``out`` may not be ``model`` itself: inputs are
     never overwritten).
     """
-    from cellnest.data import SampleCache, TargetConfig, load_folder
-    from cellnest.models import build_network, read_model_file, sized_at, write_model_file
+    from cellnest.data import SampleCache, load_folder
+    from cellnest.modelfile import ModelFile
 
     if Path(out).resolve() == Path(model).resolve() or (Path(model).is_dir() and Path(out).resolve() == (Path(model) / "model.pt").resolve()):
         raise ValueError(f"{out}: refusing to overwrite the input model; choose another --out")
-    bundle = read_model_file(model)
-    targets = TargetConfig(**{**bundle.get("targets", {}), "weight_maps": False})
+    found = ModelFile.load(model)
     items = load_folder(data, require_labels=True)[:limit]
     cache = SampleCache()
-    samples = [cache.load(item, targets, sized_at(bundle)) for item in tqdm(items, desc="prepare", unit="img", disable=not progress)]
-    base = PostprocessConfig.from_dict(bundle["postprocess"])
-    result = validate(build_network(bundle, model), samples, PredictorConfig.from_dict(bundle["predictor"]), base, device, True)
-    config, f1, per_method = tune_thresholds(result.probabilities, samples, base, methods)
-    bundle["postprocess"] = config.to_dict()
-    bundle["meta"] = {**bundle.get("meta", {}), "postprocess_tuned_on": str(data), "postprocess_untuned_f1": result.modality_mean_f1,
-                      "postprocess_tuned_f1": f1, "postprocess_methods_f1": per_method}
-    write_model_file(out, bundle)
+    samples = [cache.load(item, found.inference_targets, found.cell_diameter)
+               for item in tqdm(items, desc="prepare", unit="img", disable=not progress)]
+    result = validate(found.build_network(), samples, found.predictor, found.postprocess, device, True)
+    config, f1, per_method = tune_thresholds(result.probabilities, samples, found.postprocess, methods)
+    replace(found, postprocess=config).with_meta(
+        postprocess_tuned_on=str(data), postprocess_untuned_f1=result.modality_mean_f1, postprocess_tuned_f1=f1,
+        postprocess_methods_f1=per_method).save(out)
     return config, f1, per_method
-
