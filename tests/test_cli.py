@@ -79,15 +79,27 @@ def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
     assert err.startswith("cellnest: error:") and message in err and "\n" not in err
 
 
-def test_input_never_overwritten(tmp_path):
-    image = tmp_path / "a_label.tiff"
+def test_input_never_overwritten(tmp_path, capsys):
+    """Outputs that would land on an input or on ground truth beside the inputs are refused,
+    even with --overwrite (which only lets a run replace its own earlier outputs)."""
+    import tifffile
+
     from cellnest.io import write_labels
 
-    write_labels(image, np.ones((20, 20), np.uint16))
-    before = image.read_bytes()
-    # Output of "a_label.tiff" is "a_label_label.tiff"; the input stays as it was.
-    main(["-q", "segment", str(image), "--out", str(tmp_path), "--model", "classical"])
-    assert image.read_bytes() == before
+    folder = tmp_path / "data"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", np.zeros((20, 20), np.uint8))
+    write_labels(folder / "a_label.tiff", np.ones((20, 20), np.uint16))  # a.tif's ground truth, beside it
+    tifffile.imwrite(folder / "b.tif", np.zeros((20, 20), np.uint8))
+    write_labels(folder / "b_label.tiff", np.ones((20, 20), np.uint16))  # given as an input, and b.tif's output name
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    argv = ["-q", "segment", str(folder / "a.tif"), str(folder / "b.tif"), str(folder / "b_label.tiff"), "--out", str(folder),
+            "--model", "classical", "--overwrite"]
+    assert main(argv) == 1
+    printed = "".join(capsys.readouterr())
+    assert f"a.tif: refusing to overwrite existing {folder / 'a_label.tiff'} beside the inputs" in printed
+    assert f"b.tif: refusing to overwrite input file {folder / 'b_label.tiff'}" in printed
+    assert all((folder / name).read_bytes() == data for name, data in before.items())
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["models"], ["segment", "--help"]])

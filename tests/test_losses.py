@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,5 +190,16 @@ def test_deep_supervision_on_real_heads(name):
     assert len(heads) == model.num_heads > 1
     loss = build_loss("weighted_dice_ce")
     value = loss(heads, target, weight)
+    # The documented sum: head k weighs 2**-k (normalised) and, at its stride s (a power of
+    # two; 1 for U-Net++'s full-size heads), sees the target picked at its pixels and the
+    # weight map averaged over s x s blocks.
+    raw = [0.5**k for k in range(len(heads))]
+    expected = 0
+    for k, head in enumerate(heads):
+        s = 2 ** round(np.log2(29 / head.shape[-2]))
+        assert head.shape[-2:] == (-(-29 // s), -(-35 // s))
+        w = torch.nn.functional.avg_pool2d(weight[:, None], s, s, ceil_mode=True)[:, 0] if s > 1 else weight
+        expected = expected + raw[k] / sum(raw) * loss.loss(head, target[:, ::s, ::s], w)
+    torch.testing.assert_close(value, expected)
     value.backward()
-    assert torch.isfinite(value)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

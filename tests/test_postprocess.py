@@ -9,15 +9,9 @@ from conftest import disk
 from scipy import ndimage as ndi
 
 from cellnest.metrics import score_image
-from cellnest.postprocess import (
-    METHODS,
-    PostprocessConfig,
-    fill_small_holes,
-    probabilities_from_instances,
-    probabilities_to_instances,
-    tune_postprocess,
-)
-from cellnest.synthetic import SyntheticSpec, synthetic_cells
+from cellnest.postprocess import METHODS, PostprocessConfig, fill_small_holes, probabilities_to_instances
+from cellnest.synthetic import SyntheticSpec, probabilities_from_instances, synthetic_cells
+from cellnest.validate import tune_postprocess
 from cellnest.targets import instances_to_classes
 
 TOUCHING = SyntheticSpec(shape=(96, 96), n_cells=16, radius=(5, 9), min_gap=0.45)  # many cells touch

@@ -37,13 +37,22 @@ def test_overlapping_windows_blend_to_probabilities(tiny_model):
         np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-4)
 
 
-def test_tta_of_a_flip_equivariant_model_changes_nothing():
-    # A 1x1 convolution commutes with flips, so flip TTA must return the plain prediction.
-    model = torch.nn.Conv2d(3, 3, 1)
+def test_tta_averages_the_flipped_predictions():
+    # A 3x3 convolution with random weights is not flip-equivariant: TTA must differ from
+    # the plain prediction and equal the mean of the four un-flipped predictions.
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 3, 3, padding=1)
     image = np.random.default_rng(2).random((3, 40, 50), dtype=np.float32)
-    plain = Predictor(model, PredictorConfig(tile=32, overlap=0.25), device="cpu")(image)
-    tta = Predictor(model, PredictorConfig(tile=32, overlap=0.25, tta=True), device="cpu")(image)
-    np.testing.assert_allclose(tta, plain, atol=1e-5)
+    config = PredictorConfig(tile=64, overlap=0.25)  # one window: the whole image
+    plain = Predictor(model, config, device="cpu")(image)
+    tta = Predictor(model, PredictorConfig(tile=64, overlap=0.25, tta=True), device="cpu")(image)
+    x = torch.from_numpy(image)[None]
+    with torch.no_grad():
+        expected = sum(torch.softmax(model(x.flip(d) if d else x), 1).flip(d) if d else torch.softmax(model(x), 1)
+                       for d in ((), (2,), (3,), (2, 3))) / 4
+    np.testing.assert_allclose(plain, torch.softmax(model(x), 1)[0].detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(tta, expected[0].numpy(), atol=1e-5)
+    assert np.abs(tta - plain).max() > 1e-3
 
 
 def test_ensemble_averages_probabilities():

@@ -44,7 +44,20 @@ def _args(folders: Path, out: Path, method: str, *extra: str) -> list[str]:
 def test_pseudo_label_round(folders, tmp_path, monkeypatch):
     monkeypatch.setenv("CELLNEST_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "pl"
+    starts, build = {}, cellnest.selftrain.build_trainer
+
+    def recording(recipe, samples, val, run, *args, init_weights=None, **kwargs):
+        trainer, finish = build(recipe, samples, val, run, *args, init_weights=init_weights, **kwargs)
+        starts[run.path.name] = {k: v.clone() for k, v in trainer.model.state_dict().items()}  # before any step
+        return trainer, finish
+
+    monkeypatch.setattr(cellnest.selftrain, "build_trainer", recording)
     assert main(_args(folders, out, "pseudo_label", "--set", "selftrain.confidence=0.5", "--overlays", "2")) == 0
+    # the student's first weights are the teacher's best model, not a fresh initialisation
+    teacher = ModelFile.load(out / "round0" / "model.pt").state_dict
+    assert set(starts) == {"round0", "round1"} and teacher.keys() == starts["round1"].keys()
+    assert all(torch.equal(starts["round1"][k], v.float() if v.is_floating_point() else v) for k, v in teacher.items())
+    assert not all(torch.equal(starts["round0"][k], v) for k, v in teacher.items())
     pseudo = sorted((out / "round1" / "pseudo").glob("*_label.tiff"))
     images = sorted((folders / "unlabeled" / "images").iterdir())
     assert len(pseudo) == 3 and len(list((out / "round1" / "pseudo").glob("*_overlay.png"))) == 2

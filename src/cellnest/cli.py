@@ -147,9 +147,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from cellnest.validate import retune_model_file
+    from cellnest.validate import TUNE_METHODS, retune_model_file
 
-    config, f1, per_method = retune_model_file(args.model, args.data, args.out, args.methods, args.device, args.limit, not args.quiet)
+    config, f1, per_method = retune_model_file(args.model, args.data, args.out, args.methods or TUNE_METHODS, args.device, args.limit,
+                                               not args.quiet)
     print("| post-processing | best F1 (mean of per-modality means) |\n|---|---|")
     for method, score in per_method.items():
         print(f"| {method} | {score:.4f} |")
@@ -351,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model file (.pt) or run folder")
     p.add_argument("--data", required=True, help="labelled folder (challenge layout)")
     p.add_argument("--out", required=True, help="where the re-tuned model file goes (not the input)")
-    p.add_argument("--methods", nargs="+", default=["components", "closing", "watershed"], help="methods to try")
+    p.add_argument("--methods", nargs="+", help="methods to try (default: components, closing and watershed)")
     p.add_argument("--limit", type=bounded_int(1), help="use only the first N images")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_tune)

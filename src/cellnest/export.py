@@ -17,10 +17,28 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import find_contours, regionprops_table
+from skimage.segmentation import find_boundaries
 
 from cellnest.io import atomic_write
+from cellnest.normalize import normalize_image
 
 MEASUREMENTS = ("label", "area", "centroid", "bbox", "eccentricity", "intensity_mean")
+
+
+def overlay_outlines(image: np.ndarray, labels: np.ndarray, color: tuple[int, int, int] = (255, 255, 0)) -> np.ndarray:
+    """Cell outlines drawn over the normalised image.
+
+    Parameters
+    ----------
+    image : (H, W, 3) raw intensities. labels : (H, W) instance map.
+
+    Returns
+    -------
+    (H, W, 3) uint8 picture.
+    """
+    picture = (normalize_image(image) * 255).astype(np.uint8)
+    picture[find_boundaries(labels, mode="inner")] = color
+    return picture
 
 
 def measure_cells(labels: np.ndarray, image: np.ndarray | None = None) -> dict[str, np.ndarray]:

@@ -43,19 +43,18 @@ Steps shared by all methods (see :func:`remove_small_instances`, :func:`fill_sma
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from types import MappingProxyType
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.morphology import closing, disk, opening
 from skimage.segmentation import relabel_sequential, watershed
 
-from cellnest.targets import INTERIOR, N_CLASSES, instances_to_classes
+from cellnest.targets import INTERIOR, N_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ class PostprocessConfig:
     * ``seed_threshold`` ("watershed"): seeds are P(interior) > this. Higher than 0.5
       because in the watershed this threshold only decides which cells exist and where
       touching ones split; their extent comes from the foreground mask. Measured on
-      blurred, noisy synthetic maps of touching cells (:func:`probabilities_from_instances`,
+      blurred, noisy synthetic maps of touching cells (:func:`cellnest.synthetic.probabilities_from_instances`,
       sigma 1-1.5 px, noise sd 0.1-0.2; 4 images per setting): mean F1 0.37-0.96 at 0.5,
       where joined interiors merge cells, and 0.96-1.0 at 0.7; at 0.8-0.9 noise starts to
       break seeds apart.
@@ -378,112 +377,12 @@ def probabilities_to_instances(probs: np.ndarray, config: PostprocessConfig = Po
     -------
     (H, W) int32 instance map, 0 = background, cells 1..N sequential.
     """
-    return _decode(check_probabilities(probs), config)
+    return decode_checked(check_probabilities(probs), config)
 
 
-def _decode(probs: np.ndarray, config: PostprocessConfig) -> np.ndarray:
+def decode_checked(probs: np.ndarray, config: PostprocessConfig) -> np.ndarray:
     """:func:`probabilities_to_instances` on an already checked (3, H, W) float32 map."""
     if probs.size == 0:
         return np.zeros(probs.shape[1:], np.int32)
     labels = METHODS[config.method](probs, config)
     return relabel_sequential(labels)[0].astype(np.int32, copy=False)
-
-
-# ---------------------------------------------------------------------------- tuning
-
-
-def tune_postprocess(
-    prob_maps: Sequence[np.ndarray],
-    truths: Sequence[np.ndarray],
-    base: PostprocessConfig = PostprocessConfig(),
-    grid: Mapping[str, Sequence] | None = None,
-    groups: Sequence[str] | None = None,
-) -> tuple[PostprocessConfig, float]:
-    """Grid search of post-processing settings for the best mean challenge F1.
-
-    Every combination of ``grid`` values (itertools.product, in the grid's key and value
-    order) replaces those fields of ``base``; each is scored by the mean over images of
-    :func:`cellnest.metrics.score_image` F1 (IoU 0.5, border cells removed). Ties keep the
-    first combination, so the result is deterministic.
-
-    Parameters
-    ----------
-    prob_maps : (3, H, W) softmax maps, e.g. of validation images.
-    truths : (H, W) integer instance maps, same order and shapes.
-    base : the settings not in ``grid``.
-    grid : ``{field: candidate values}``, e.g. ``{"seed_threshold": [0.4, 0.5, 0.6]}``;
-        empty or None scores ``base`` alone.
-    groups : one group (modality) per image: the score is then the mean over groups of
-        each group's mean F1, so every modality counts once.
-
-    Returns
-    -------
-    (best config, its mean F1).
-    """
-    from cellnest.metrics import score_image  # evaluation sits downstream of decoding
-
-    if len(prob_maps) != len(truths):
-        raise ValueError(f"got {len(prob_maps)} probability maps but {len(truths)} ground truths")
-    if not prob_maps:
-        raise ValueError("tune_postprocess needs at least one image")
-    grid = dict(grid or {})
-    known = {f.name for f in fields(PostprocessConfig)}
-    unknown = sorted(set(grid) - known)
-    if unknown:
-        raise ValueError(f"unknown post-processing key(s) in grid {unknown}; valid keys: {sorted(known)}")
-    empty = [k for k, v in grid.items() if len(v) == 0]
-    if empty:
-        raise ValueError(f"grid has no values for {empty}")
-    checked = [check_probabilities(p) for p in prob_maps]
-    truths = [np.asarray(t) for t in truths]
-    for i, (p, t) in enumerate(zip(checked, truths)):
-        if p.shape[1:] != t.shape:
-            raise ValueError(f"image {i}: probs shape {p.shape} does not match ground truth shape {t.shape}")
-
-    keys_of = np.asarray(groups if groups is not None else [""] * len(truths), dtype=str)
-    if keys_of.shape != (len(truths),):
-        raise ValueError(f"got {len(truths)} images but {keys_of.size} groups")
-    best: tuple[PostprocessConfig, float] | None = None
-    keys = list(grid)
-    for values in itertools.product(*(grid[k] for k in keys)):
-        config = replace(base, **dict(zip(keys, values)))
-        f1s = np.array([score_image(t, _decode(p, config)).f1 for p, t in zip(checked, truths)])  # checked once above
-        f1 = float(np.mean([f1s[keys_of == g].mean() for g in np.unique(keys_of)]))
-        log.debug("tune_postprocess %s -> mean F1 %.4f", dict(zip(keys, values)), f1)
-        if best is None or f1 > best[1]:
-            best = (config, f1)
-    return best
-
-
-# ---------------------------------------------------------------------------- test helper
-
-
-def probabilities_from_instances(
-    labels: np.ndarray, boundary_width: int = 1, blur: float = 0.0, noise: float = 0.0, seed: int = 0
-) -> np.ndarray:
-    """Synthetic softmax map of an instance map, for encode -> decode tests.
-
-    The one-hot encoding of :func:`cellnest.targets.instances_to_classes`, optionally
-    Gaussian-blurred (``blur`` sigma, pixels; a linear filter keeps the per-pixel sum at 1)
-    and perturbed by independent Gaussian noise of sd ``noise`` per channel, clipped at 0
-    and renormalised to sum 1.
-
-    Parameters
-    ----------
-    labels : (H, W) integer instance map, 0 = background.
-    boundary_width, blur, noise : as above; ``seed`` makes the noise reproducible.
-
-    Returns
-    -------
-    (3, H, W) float32, non-negative, summing to 1 per pixel.
-    """
-    classes = instances_to_classes(labels, boundary_width)
-    probs = np.stack([classes == c for c in range(N_CLASSES)]).astype(np.float32)
-    if blur > 0:
-        probs = np.stack([ndi.gaussian_filter(p, blur, mode="nearest") for p in probs])
-    if noise > 0:
-        rng = np.random.default_rng(seed)
-        probs = np.clip(probs + rng.normal(0.0, noise, probs.shape).astype(np.float32), 1e-6, None)
-        probs /= probs.sum(axis=0, keepdims=True)
-    return probs.astype(np.float32, copy=False)
-

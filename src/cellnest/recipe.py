@@ -23,6 +23,7 @@ import yaml
 from cellnest.data import TargetConfig
 from cellnest.postprocess import PostprocessConfig
 from cellnest.predict import PredictorConfig
+from cellnest.validate import TUNE_METHODS
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
 
@@ -245,7 +246,7 @@ class TrainConfig:
     compile: bool = False
     grad_clip: float | None = 12.0
     tune_postprocess: bool = True
-    tune_methods: tuple[str, ...] = ("components", "closing", "watershed")
+    tune_methods: tuple[str, ...] = TUNE_METHODS
     select_by: str = "modality_mean"
 
     def __post_init__(self) -> None:

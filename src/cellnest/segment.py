@@ -20,14 +20,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from skimage.segmentation import find_boundaries
 from tqdm import tqdm
 
-from cellnest.export import measure_cells, write_geojson, write_measurements
+from cellnest.export import measure_cells, overlay_outlines, write_geojson, write_measurements
 from cellnest.io import (IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, OutputExistsError, folder_lock,
                          list_images, read_image, refuse_existing, write_csv, write_labels, write_png)
 from cellnest.models import Segmenter
-from cellnest.normalize import normalize_image
 from cellnest.timing import stage
 
 log = logging.getLogger(__name__)
@@ -86,22 +84,6 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list
             seen.add(real)
             unique.append(p)
     return unique, missing
-
-
-def overlay_outlines(image: np.ndarray, labels: np.ndarray, color: tuple[int, int, int] = (255, 255, 0)) -> np.ndarray:
-    """Cell outlines drawn over the normalised image.
-
-    Parameters
-    ----------
-    image : (H, W, 3) raw intensities. labels : (H, W) instance map.
-
-    Returns
-    -------
-    (H, W, 3) uint8 picture.
-    """
-    picture = (normalize_image(image) * 255).astype(np.uint8)
-    picture[find_boundaries(labels, mode="inner")] = color
-    return picture
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,7 @@ def _student_recipe(recipe: Recipe, lr: float) -> Recipe:
 
 
 def _write_pseudo_labels(folder: Path, samples: Sequence[Sample], overlays: int) -> None:
-    from cellnest.segment import overlay_outlines
+    from cellnest.export import overlay_outlines
 
     shown = set(np.linspace(0, len(samples) - 1, overlays).round().astype(int)) if overlays and samples else set()
     for i, s in enumerate(samples):  # overlays spread over the folder, so several sources show

@@ -20,6 +20,8 @@ from scipy import ndimage as ndi
 from skimage.draw import ellipse
 from skimage.segmentation import relabel_sequential
 
+from cellnest.targets import N_CLASSES, instances_to_classes
+
 Style = Literal["bright", "dark", "rgb"]
 
 
@@ -163,3 +165,33 @@ def write_synthetic_folder(root: str | os.PathLike, count: int | None = None, se
         writer.writeheader()
         writer.writerows(rows)
     return paths
+
+
+def probabilities_from_instances(
+    labels: np.ndarray, boundary_width: int = 1, blur: float = 0.0, noise: float = 0.0, seed: int = 0
+) -> np.ndarray:
+    """Synthetic softmax map of an instance map, for encode -> decode tests and tuning experiments.
+
+    The one-hot encoding of :func:`cellnest.targets.instances_to_classes`, optionally
+    Gaussian-blurred (``blur`` sigma, pixels; a linear filter keeps the per-pixel sum at 1)
+    and perturbed by independent Gaussian noise of sd ``noise`` per channel, clipped at 0
+    and renormalised to sum 1.
+
+    Parameters
+    ----------
+    labels : (H, W) integer instance map, 0 = background.
+    boundary_width, blur, noise : as above; ``seed`` makes the noise reproducible.
+
+    Returns
+    -------
+    (3, H, W) float32, non-negative, summing to 1 per pixel.
+    """
+    classes = instances_to_classes(labels, boundary_width)
+    probs = np.stack([classes == c for c in range(N_CLASSES)]).astype(np.float32)
+    if blur > 0:
+        probs = np.stack([ndi.gaussian_filter(p, blur, mode="nearest") for p in probs])
+    if noise > 0:
+        rng = np.random.default_rng(seed)
+        probs = np.clip(probs + rng.normal(0.0, noise, probs.shape).astype(np.float32), 1e-6, None)
+        probs /= probs.sum(axis=0, keepdims=True)
+    return probs.astype(np.float32, copy=False)

@@ -7,10 +7,12 @@ Also chooses the post-processing method and its thresholds on validation probabi
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch.nn as nn
@@ -18,10 +20,14 @@ from tqdm import tqdm
 
 from cellnest.data import Sample
 from cellnest.metrics import ImageScore, modality_mean, score_image, summarize
-from cellnest.postprocess import PostprocessConfig, probabilities_to_instances, tune_postprocess
+from cellnest.postprocess import PostprocessConfig, check_probabilities, decode_checked, probabilities_to_instances
 from cellnest.predict import Predictor, PredictorConfig
 
-# Thresholds tried per post-processing method by :func:`tune_thresholds`.
+log = logging.getLogger(__name__)
+
+# The post-processing methods tuning tries (in this order: ties keep the first), and the
+# thresholds tried per method by :func:`tune_thresholds`.
+TUNE_METHODS = ("components", "closing", "watershed")
 TUNE_GRIDS: dict[str, dict[str, list]] = {
     "watershed": {"seed_threshold": [0.5, 0.6, 0.7, 0.8], "foreground_threshold": [0.3, 0.4, 0.5, 0.6]},
     "closing": {"interior_threshold": [0.3, 0.4, 0.5, 0.6, 0.7]},
@@ -79,11 +85,72 @@ def validate(
     return Validation(scores, summarize(scores), kept)
 
 
+def tune_postprocess(
+    prob_maps: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    base: PostprocessConfig = PostprocessConfig(),
+    grid: Mapping[str, Sequence] | None = None,
+    groups: Sequence[str] | None = None,
+) -> tuple[PostprocessConfig, float]:
+    """Grid search of post-processing settings for the best mean challenge F1.
+
+    Every combination of ``grid`` values (itertools.product, in the grid's key and value
+    order) replaces those fields of ``base``; each is scored by the mean over images of
+    :func:`cellnest.metrics.score_image` F1 (IoU 0.5, border cells removed). Ties keep the
+    first combination, so the result is deterministic.
+
+    Parameters
+    ----------
+    prob_maps : (3, H, W) softmax maps, e.g. of validation images.
+    truths : (H, W) integer instance maps, same order and shapes.
+    base : the settings not in ``grid``.
+    grid : ``{field: candidate values}``, e.g. ``{"seed_threshold": [0.4, 0.5, 0.6]}``;
+        empty or None scores ``base`` alone.
+    groups : one group (modality) per image: the score is then the mean over groups of
+        each group's mean F1, so every modality counts once.
+
+    Returns
+    -------
+    (best config, its mean F1).
+    """
+    if len(prob_maps) != len(truths):
+        raise ValueError(f"got {len(prob_maps)} probability maps but {len(truths)} ground truths")
+    if not prob_maps:
+        raise ValueError("tune_postprocess needs at least one image")
+    grid = dict(grid or {})
+    known = {f.name for f in fields(PostprocessConfig)}
+    unknown = sorted(set(grid) - known)
+    if unknown:
+        raise ValueError(f"unknown post-processing key(s) in grid {unknown}; valid keys: {sorted(known)}")
+    empty = [k for k, v in grid.items() if len(v) == 0]
+    if empty:
+        raise ValueError(f"grid has no values for {empty}")
+    checked = [check_probabilities(p) for p in prob_maps]
+    truths = [np.asarray(t) for t in truths]
+    for i, (p, t) in enumerate(zip(checked, truths)):
+        if p.shape[1:] != t.shape:
+            raise ValueError(f"image {i}: probs shape {p.shape} does not match ground truth shape {t.shape}")
+
+    keys_of = np.asarray(groups if groups is not None else [""] * len(truths), dtype=str)
+    if keys_of.shape != (len(truths),):
+        raise ValueError(f"got {len(truths)} images but {keys_of.size} groups")
+    best: tuple[PostprocessConfig, float] | None = None
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        config = replace(base, **dict(zip(keys, values)))
+        f1s = np.array([score_image(t, decode_checked(p, config)).f1 for p, t in zip(checked, truths)])  # checked once above
+        f1 = float(np.mean([f1s[keys_of == g].mean() for g in np.unique(keys_of)]))
+        log.debug("tune_postprocess %s -> mean F1 %.4f", dict(zip(keys, values)), f1)
+        if best is None or f1 > best[1]:
+            best = (config, f1)
+    return best
+
+
 def tune_thresholds(
     probabilities: Sequence[np.ndarray],
     samples: Sequence[Sample],
     base: PostprocessConfig,
-    methods: Sequence[str] = tuple(TUNE_GRIDS),
+    methods: Sequence[str] = TUNE_METHODS,
     select_by: str = "modality_mean",
 ) -> tuple[PostprocessConfig, float, dict[str, float]]:
     """Best post-processing method and thresholds on validation probabilities.
@@ -105,7 +172,7 @@ def tune_thresholds(
 
 
 def tune_kept_model(path: Path, samples: Sequence[Sample], predictor: PredictorConfig, base: PostprocessConfig,
-                    device, methods: Sequence[str] = tuple(TUNE_GRIDS), select_by: str = "modality_mean") -> str:
+                    device, methods: Sequence[str] = TUNE_METHODS, select_by: str = "modality_mean") -> str:
     """Choose the post-processing of the model file at ``path`` on validation ``samples``
     and rewrite the file if it beats ``base``; returns a sentence for the run's report."""
     from cellnest.modelfile import ModelFile
@@ -136,7 +203,7 @@ def retune_model_file(
     model: str | os.PathLike,
     data: str | os.PathLike,
     out: str | os.PathLike,
-    methods: Sequence[str] = tuple(TUNE_GRIDS),
+    methods: Sequence[str] = TUNE_METHODS,
     device: str = "auto",
     limit: int | None = None,
     progress: bool = True,
