@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -201,3 +202,45 @@ def test_training_at_one_cell_size_ships_its_size_and_size_model(split, tmp_path
     # leave-one-source-out: a source the data does not have is a one-line error
     assert main(_train_args(split, tmp_path / "loso", "--steps", "1", "--set", "data.exclude_sources=[nowhere]")) == 2
     assert "no images of source(s) ['nowhere']" in capsys.readouterr().err
+
+
+def test_the_loop_alone_trains_a_1x1_convolution_from_a_list(tmp_path):
+    """The trainer needs no recipe, network registry or data set: a 1x1 convolution, a
+    list of batches and a cross-entropy train, stop on the budget and resume exactly."""
+    import torch.nn.functional as F
+
+    from cellnest.run import Budget, RunFolder
+    from cellnest.train import Trainer
+
+    rng = torch.Generator().manual_seed(0)
+    images = [torch.randn(2, 3, 8, 8, generator=rng) for _ in range(4)]
+    batches = [{"image": x, "classes": x.argmax(1)} for x in images]  # learnable by a 1x1 convolution
+
+    def cross_entropy(outputs, classes, weights):
+        return F.cross_entropy(outputs[0], classes)
+
+    def trainer(run: Path, budget: Budget) -> Trainer:
+        torch.manual_seed(0)
+        model = torch.nn.Conv2d(3, 3, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.9**epoch)
+        return Trainer(model, cross_entropy, optimizer, scheduler, batches, None, RunFolder(run), budget=budget, progress=False)
+
+    def mean_loss(model) -> float:
+        with torch.no_grad():
+            return float(np.mean([cross_entropy([model(b["image"])], b["classes"], None) for b in batches]))
+
+    whole = trainer(tmp_path / "whole", Budget(epochs=5))
+    before = mean_loss(whole.model)
+    state = whole.fit()
+    assert (state.epoch, state.step, state.finished) == (5, 20, True)
+    assert mean_loss(whole.model) < 0.5 * before
+    assert len(list(csv.DictReader(open(tmp_path / "whole" / "metrics.csv")))) == 5
+
+    cut = trainer(tmp_path / "cut", Budget(epochs=5, steps=7))  # stops inside the second epoch
+    assert cut.fit().step == 7
+    resumed = trainer(tmp_path / "cut", Budget(epochs=5))
+    resumed.resume()
+    assert (resumed.state.epoch, resumed.state.batch_in_epoch) == (1, 3)
+    resumed.fit()
+    assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()))

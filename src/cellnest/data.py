@@ -31,7 +31,7 @@ import numpy as np
 
 from cellnest.diameter import interior_median_diameter, rescale_image, rescale_labels, training_scale
 from cellnest.io import ImageReadError, list_images, read_image, read_labels
-from cellnest.normalize import LOWER_PERCENTILE, UPPER_PERCENTILE, normalize_image
+from cellnest.normalize import LOWER_PERCENTILE, UPPER_PERCENTILE, channels_first, normalize_image
 from cellnest.targets import instances_to_classes, weight_map
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def prepare_sample(
     if scale != 1.0:
         normalised = rescale_image(normalised, scale)
         labels, dropped = rescale_labels(labels, scale, min_cell_pixels)
-    sample = Sample(name, modality, np.ascontiguousarray(np.moveaxis(normalised, -1, 0)),
+    sample = Sample(name, modality, channels_first(normalised),
                     meta={"diameter": native, "scale": scale})
     if labels is None:
         return sample

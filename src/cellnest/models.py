@@ -26,7 +26,8 @@ from cellnest.catalog import DEFAULT_MODEL, model_path, shipped_models
 from cellnest.classical import ClassicalConfig, segment_normalized_classical
 from cellnest.diameter import TOLERANCE, interior_median_diameter, rescale_image, resize_labels, scale_for, search_diameter
 from cellnest.modelfile import ModelFile
-from cellnest.normalize import LOWER_PERCENTILE, UPPER_PERCENTILE, apply_image_percentiles, image_percentiles
+from cellnest.normalize import (LOWER_PERCENTILE, UPPER_PERCENTILE, apply_image_percentiles, channels_first,
+                                image_percentiles)
 from cellnest.postprocess import PostprocessConfig, probabilities_to_instances
 from cellnest.predict import Predictor, PredictorConfig, resolve_device
 from cellnest.runtime import on_backend
@@ -209,7 +210,7 @@ class NetworkSegmenter(Segmenter):
     def probabilities(self, image: np.ndarray, tile: int | None = None) -> np.ndarray:
         """Normalised (h, w, C) float32 -> (K, h, w) float32 class probabilities."""
         with stage("network"):
-            return self.predictor(np.moveaxis(image, -1, 0), tile)
+            return self.predictor(channels_first(image), tile)
 
     def segment_normalized(self, image: np.ndarray, tile: int | None = None) -> np.ndarray:
         probabilities = self.probabilities(image, tile)

@@ -1,4 +1,11 @@
-"""Per-channel percentile normalisation, the one rule used at training and inference.
+"""Per-channel percentile normalisation, the one rule used at training and inference,
+and the one change of image layout.
+
+Layout: images are channel-last ``(H, W, C)`` from the file to the normalised image (io,
+normalize, segment, blocks, diameter, export: the layout of image files, scikit-image and
+napari), and channel-first ``(C, H, W)`` from where they meet a network on (data samples,
+the predictor, the size model: the layout of torch). :func:`channels_first` is the one
+crossing and :func:`channels_last` the way back (overlays of training samples).
 
 The official challenge baseline normalised differently at training and inference time;
 cellnest calls :func:`normalize_image` in both places (the dataset cache and the
@@ -149,3 +156,13 @@ def normalize_image(image: np.ndarray, lower: float = LOWER_PERCENTILE, upper: f
     (H, W, C) float32 in [0, 1].
     """
     return apply_image_percentiles(image, image_percentiles(image, lower, upper))
+
+
+def channels_first(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) -> contiguous (C, H, W): an image meeting a network (see the module docstring)."""
+    return np.ascontiguousarray(np.moveaxis(image, -1, 0))
+
+
+def channels_last(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> (H, W, C) view: a network-side image back in file layout."""
+    return np.moveaxis(np.asarray(image), 0, -1)

@@ -155,12 +155,13 @@ def _student_recipe(recipe: Recipe, lr: float) -> Recipe:
 
 def _write_pseudo_labels(folder: Path, samples: Sequence[Sample], overlays: int) -> None:
     from cellnest.export import overlay_outlines
+    from cellnest.normalize import channels_last
 
     shown = set(np.linspace(0, len(samples) - 1, overlays).round().astype(int)) if overlays and samples else set()
     for i, s in enumerate(samples):  # overlays spread over the folder, so several sources show
         write_labels(folder / f"{s.name}_label.tiff", s.labels)
         if i in shown:
-            write_png(folder / f"{s.name}_overlay.png", overlay_outlines(np.moveaxis(np.asarray(s.image), 0, -1), s.labels))
+            write_png(folder / f"{s.name}_overlay.png", overlay_outlines(channels_last(s.image), s.labels))
 
 
 def self_train(

@@ -34,7 +34,7 @@ from cellnest.data import Item
 from cellnest.diameter import interior_median_diameter, rescale_image, resize_labels, window_slices
 from cellnest.io import read_image, read_labels
 from cellnest.modelfile import ModelFile
-from cellnest.normalize import LOWER_PERCENTILE, UPPER_PERCENTILE, apply_image_percentiles, image_percentiles
+from cellnest.normalize import LOWER_PERCENTILE, UPPER_PERCENTILE, apply_image_percentiles, channels_first, image_percentiles
 from cellnest.runtime import RuntimeNet, coarsest_positions
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def estimate_diameter(model: nn.Module, size_model: SizeModel, image: np.ndarray
     area_windows = (height * width) // (min(size_model.window, height) * min(size_model.window, width))
     estimates = []
     for rows, cols in window_slices((height, width), size_model.window, max(1, min(windows, area_windows))):
-        crop = np.moveaxis(apply_image_percentiles(image[rows, cols], bounds), -1, 0)
+        crop = channels_first(apply_image_percentiles(image[rows, cols], bounds))
         estimates.append(size_model.predict(pooled_features(model, crop, device)))
     return float(np.median(estimates))
 
@@ -172,7 +172,7 @@ def fit_size_model(
             if diameter is None:
                 continue
             crop = rescale_image(apply_image_percentiles(image[rows, cols], bounds), factor)
-            features.append(pooled_features(model, np.moveaxis(crop, -1, 0), device))
+            features.append(pooled_features(model, channels_first(crop), device))
             targets.append(math.log2(diameter))
             groups.append(index)
     if len(features) < 10:
