@@ -8,7 +8,6 @@ QuPath reads on import (``objectType: "detection"``, ``name``) plus the cell's l
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -19,7 +18,7 @@ from scipy import ndimage as ndi
 from skimage.measure import find_contours, regionprops_table
 from skimage.segmentation import find_boundaries
 
-from cellnest.io import atomic_write
+from cellnest.io import atomic_write, write_csv
 from cellnest.normalize import normalize_image
 
 MEASUREMENTS = ("label", "area", "centroid", "bbox", "eccentricity", "intensity_mean")
@@ -82,13 +81,10 @@ def write_figure(path: str | os.PathLike, figure) -> Path:
 
 def write_measurements(path: str | os.PathLike, table: dict[str, np.ndarray]) -> Path:
     """Write a :func:`measure_cells` table as CSV, atomically."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
     columns = list(table)
-    writer.writerow(columns)
-    for row in zip(*(table[c] for c in columns)):
-        writer.writerow([f"{v:.6g}" if isinstance(v, (float, np.floating)) else v for v in row])
-    return atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
+    rows = [{c: f"{v:.6g}" if isinstance(v, (float, np.floating)) else v for c, v in zip(columns, values)}
+            for values in zip(*(table[c] for c in columns))]
+    return write_csv(path, rows, columns)
 
 
 def cell_polygons(labels: np.ndarray) -> list[tuple[int, list[list[float]]]]:

@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from cellnest.modelfile import ModelFile
 from cellnest.io import first_line
+from cellnest.modelfile import ModelFile
 from cellnest.run import Budget, RunFolder, RunFolderError, State, checkpoint_payload
 from cellnest.validate import Validation, summary_line
 
@@ -246,7 +246,7 @@ class Trainer:
                 state.batch_in_epoch += 1
                 loss_avg = loss if math.isnan(loss_avg) else 0.9 * loss_avg + 0.1 * loss
                 bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                                steps_s=f"{1 / max(time.monotonic() - start, 1e-9):.2f}")
+                                patches_s=f"{len(batch['image']) * s.world / max(time.monotonic() - start, 1e-9):.1f}")
                 if (s.checkpoint_steps and state.step % s.checkpoint_steps == 0) or time.monotonic() - last_save > 60 * s.checkpoint_minutes:
                     self.save_checkpoint()
                     last_save = time.monotonic()
