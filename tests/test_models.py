@@ -81,10 +81,10 @@ def test_cli_segment_with_model_file_and_all_outputs(tmp_path, synthetic_folder)
     out = tmp_path / "out"
     inputs = sorted((synthetic_folder / "images").iterdir())[:2]
     argv = ["-q", "segment", *map(str, inputs), "--out", str(out), "--model", str(tmp_path / "m.pt"),
-            "--device", "cpu", "--tile", "128", "--overlap", "0.1", "--overlay", "--measure", "--geojson"]
+            "--device", "cpu", "--tile", "128", "--overlap", "0.1", "--overlay", "--measure", "--geojson", "--rois"]
     assert main(argv) == 0
     assert len(list(out.glob("*_label.tiff"))) == 2
-    for suffix in ("_overlay.png", "_cells.csv", "_cells.geojson"):
+    for suffix in ("_overlay.png", "_cells.csv", "_cells.geojson", "_rois.zip"):
         assert len(list(out.glob(f"*{suffix}"))) == 2
     label = read_labels(next(out.glob("*_label.tiff")))
     assert label.ndim == 2

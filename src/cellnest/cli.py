@@ -28,7 +28,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap), ("tta", args.tta or None)) if v is not None}
     segmenter = load_segmenter(args.model or [DEFAULT_MODEL], device=args.device, predictor=overrides, diameter=args.diameter,
                                estimator=args.estimator, backend=args.backend)
-    outputs = Outputs(overlay=args.overlay, measure=args.measure, geojson=args.geojson)
+    outputs = Outputs(overlay=args.overlay, measure=args.measure, geojson=args.geojson, rois=args.rois)
     results = segment_files(args.inputs, args.out, segmenter, outputs, progress=not args.quiet, overwrite=args.overwrite,
                             max_pixels=args.max_pixels)
     done = [r for r in results if not r.error]
@@ -283,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png with cell outlines")
     p.add_argument("--measure", action="store_true", help="also write <name>_cells.csv with per-cell measurements")
     p.add_argument("--geojson", action="store_true", help="also write <name>_cells.geojson polygons for QuPath")
+    p.add_argument("--rois", action="store_true", help="also write <name>_rois.zip, an ImageJ ROI set for Fiji's ROI Manager")
     add_max_pixels(p)
     p.set_defaults(func=_cmd_segment)
 

@@ -1,9 +1,13 @@
-"""Per-cell measurements (CSV) and cell outlines as GeoJSON polygons for QuPath.
+"""What other tools read: per-cell measurements (CSV), cell outlines as GeoJSON for QuPath
+and as an ImageJ ROI set for Fiji, overlays and figures.
 
-Measurements come from scikit-image ``regionprops_table``; outlines from
-``find_contours`` on each cell's mask. GeoJSON coordinates are ``[x, y]`` = ``[column,
-row]`` in pixels, each cell a ``Feature`` with a closed ``Polygon`` and the properties
-QuPath reads on import (``objectType: "detection"``, ``name``) plus the cell's label id.
+Measurements come from scikit-image ``regionprops_table`` (its column names); outlines
+from ``find_contours`` on each cell's mask. Outline coordinates are ``[x, y]`` =
+``[column, row]`` with pixel corners at integers, as QuPath and ImageJ place them (pixel
+(r, c) covers [c, c+1] x [r, r+1]), so filling an outline gives back exactly the cell's
+pixels. In GeoJSON each cell is a ``Feature`` with a closed ``Polygon`` and the
+properties QuPath reads on import (``objectType: "detection"``, ``name``) plus the
+cell's label id; in the ROI set (``roifile``) each is a polygon named ``cell-<label>``.
 """
 
 from __future__ import annotations
@@ -88,10 +92,11 @@ def write_measurements(path: str | os.PathLike, table: dict[str, np.ndarray]) ->
 
 
 def cell_polygons(labels: np.ndarray) -> list[tuple[int, list[list[float]]]]:
-    """Outer outline of each cell as a closed ``[[x, y], ...]`` ring (pixel centres).
+    """Outer outline of each cell as a closed ``[[x, y], ...]`` ring (pixel corners at
+    integers: the 0.5 iso-line between the cell's pixel centres and its neighbours').
 
     Returns ``(label, ring)`` pairs in label order. For a cell in several pieces, the
-    largest outline is used.
+    largest outline is used; a hole in a cell (another cell inside it) is not outlined.
     """
     polygons = []
     for label, box in enumerate(ndi.find_objects(labels), start=1):
@@ -102,8 +107,8 @@ def cell_polygons(labels: np.ndarray) -> list[tuple[int, list[list[float]]]]:
         if not contours:
             continue
         ring = max(contours, key=len)
-        rows = ring[:, 0] - 1 + box[0].start
-        cols = ring[:, 1] - 1 + box[1].start
+        rows = ring[:, 0] - 0.5 + box[0].start  # -1 for the pad, +0.5 from centres to corners
+        cols = ring[:, 1] - 0.5 + box[1].start
         coords = np.round(np.stack([cols, rows], axis=1), 2).tolist()
         if coords[0] != coords[-1]:
             coords.append(coords[0])
@@ -124,3 +129,22 @@ def write_geojson(path: str | os.PathLike, labels: np.ndarray, name: str = "cell
     ]
     text = json.dumps({"type": "FeatureCollection", "features": features})
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_imagej_rois(path: str | os.PathLike, labels: np.ndarray) -> Path:
+    """Write cell outlines as an ImageJ ROI set (``.zip``) that Fiji's ROI Manager opens,
+    atomically; one polygon ROI per cell, named ``cell-<label>``."""
+    import roifile
+
+    rois = []
+    for label, ring in cell_polygons(labels):
+        roi = roifile.ImagejRoi.frompoints(np.asarray(ring[:-1], np.float32), name=f"cell-{label}")
+        roi.roitype = roifile.ROI_TYPE.POLYGON  # frompoints says freehand; a cell outline is a polygon
+        rois.append(roi)
+    return atomic_write(path, lambda tmp: roifile.roiwrite(tmp, rois, mode="w") if rois else _empty_zip(tmp))
+
+
+def _empty_zip(path: Path) -> None:
+    import zipfile
+
+    zipfile.ZipFile(path, "w").close()

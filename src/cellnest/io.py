@@ -312,7 +312,8 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
-    """Write an instance map as a zlib-compressed uint16/uint32 TIFF, atomically.
+    """Write an instance map as a zlib-compressed uint16 ImageJ TIFF (uint32 plain TIFF
+    above 65,535 cells), atomically.
 
     Parameters
     ----------
@@ -327,7 +328,10 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray) -> Path:
     out = labels.astype(label_dtype(labels), copy=False)
     import tifffile
 
-    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, out, compression="zlib"))
+    # ImageJ's own format where it can hold the ids (ImageJ has no uint32): Fiji then opens
+    # the file as a 16-bit image with its metadata; above 65,535 cells a plain TIFF.
+    imagej = {"imagej": True, "metadata": {"axes": "YX"}} if out.dtype == np.uint16 else {}
+    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, out, compression="zlib", **imagej))
 
 
 def write_csv(path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str] | None = None) -> Path:

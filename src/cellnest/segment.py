@@ -3,7 +3,8 @@
 For every input ``<name>.<ext>`` the output folder receives ``<name>_label.tiff`` (the
 challenge naming; uint16/uint32, opens in napari and Fiji) and, on request,
 ``<name>_overlay.png`` (cell outlines over the image), ``<name>_cells.csv`` (per-cell
-measurements) and ``<name>_cells.geojson`` (polygons QuPath imports). ``summary.csv``
+measurements), ``<name>_cells.geojson`` (polygons QuPath imports) and ``<name>_rois.zip``
+(Fiji's ROI Manager). ``summary.csv``
 lists cells and seconds per image and the error of any file that failed. A bad file is reported by name
 and skipped; the others go on.
 """
@@ -22,7 +23,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from cellnest.export import measure_cells, overlay_outlines, write_geojson, write_measurements
+from cellnest.export import measure_cells, overlay_outlines, write_geojson, write_imagej_rois, write_measurements
 from cellnest.io import (IMAGE_SUFFIXES, MAX_PIXELS, ImageReadError, OutputExistsError, folder_lock,
                          list_images, read_image, refuse_existing, write_csv, write_labels, write_png)
 from cellnest.models import Segmenter
@@ -93,12 +94,13 @@ class Outputs:
     overlay: bool = False  # <name>_overlay.png: outlines over the image
     measure: bool = False  # <name>_cells.csv: per-cell regionprops
     geojson: bool = False  # <name>_cells.geojson: polygons for QuPath
+    rois: bool = False  # <name>_rois.zip: an ImageJ ROI set for Fiji's ROI Manager
 
 
 def _suffixes(outputs: "Outputs") -> list[str]:
     """File-name endings one image writes with these ``outputs``."""
     chosen = [(True, "_label.tiff"), (outputs.overlay, "_overlay.png"), (outputs.measure, "_cells.csv"),
-              (outputs.geojson, "_cells.geojson")]
+              (outputs.geojson, "_cells.geojson"), (outputs.rois, "_rois.zip")]
     return [suffix for wanted, suffix in chosen if wanted]
 
 
@@ -249,7 +251,7 @@ def _segment_one(
     result, never raised. Returns the result and the pending write (None on failure)."""
     result = ImageResult(str(path), path.stem, model=segmenter.name)
     target = out_dir / f"{path.stem}_label.tiff"
-    extras = [out_dir / f"{path.stem}{suffix}" for suffix in ("_overlay.png", "_cells.csv", "_cells.geojson")]
+    extras = [out_dir / f"{path.stem}{suffix}" for suffix in ("_overlay.png", "_cells.csv", "_cells.geojson", "_rois.zip")]
     try:
         guard.check(path, [target, *extras])
         start = time.perf_counter()
@@ -279,6 +281,8 @@ def _write_outputs(target: Path, extras: list[Path], image: np.ndarray, labels: 
         write_measurements(extras[1], measure_cells(labels, image))
     if outputs.geojson:
         write_geojson(extras[2], labels, name=name)
+    if outputs.rois:
+        write_imagej_rois(extras[3], labels)
 
 
 def write_summary(path: Path, results: Sequence[ImageResult]) -> Path:
