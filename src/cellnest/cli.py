@@ -171,6 +171,17 @@ def _cmd_ship(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_bioimageio(args: argparse.Namespace) -> int:
+    try:
+        from cellnest.bioimageio import export_package
+        import bioimageio.spec  # noqa: F401
+    except ImportError:
+        raise ValueError("export-bioimageio needs bioimageio.core: pip install -c constraints.txt -e '.[bioimageio]'") from None
+    rdf = export_package(args.model, args.out, overwrite=args.overwrite)
+    log.info("wrote the bioimage.io package %s; check it with: bioimageio test %s", rdf.parent, rdf)
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from cellnest.catalog import DEFAULT_MODEL, available_models, shipped_models
 
@@ -370,6 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=bounded_int(16, 8192), help="store this sliding-window tile (pixels) instead of the run's")
     p.add_argument("--overlap", type=float, help="store this window overlap (0-1) instead of the run's")
     p.set_defaults(func=_cmd_ship)
+
+    p = sub.add_parser("export-bioimageio", help="write a BioImage Model Zoo package of a model (TorchScript, ONNX and "
+                       "PyTorch weights, test tensors, cover, model card)")
+    p.add_argument("model", help="model name (see `cellnest models`), .pt file or run folder")
+    p.add_argument("--out", required=True, help="package folder (rdf.yaml and its files)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_cmd_export_bioimageio)
 
     p = sub.add_parser("models", help="list the available models")
     p.set_defaults(func=_cmd_models)
