@@ -16,7 +16,6 @@ def test_shipped_model_package_passes_bioimageio_test(name, tmp_path):
     from bioimageio.core import test_description
 
     from cellnest.models import load_segmenter
-    from cellnest.normalize import channels_first
 
     out = tmp_path / name
     assert main(["-q", "export-bioimageio", name, "--out", str(out)]) == 0

@@ -34,7 +34,6 @@ import torch.nn as nn
 
 from cellnest.catalog import model_path
 from cellnest.modelfile import ModelFile, NetworkSpec
-from cellnest.normalize import channels_first
 from cellnest.targets import N_CLASSES
 
 log = logging.getLogger(__name__)

@@ -172,11 +172,12 @@ def _cmd_ship(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_bioimageio(args: argparse.Namespace) -> int:
-    try:
-        from cellnest.bioimageio import export_package
-        import bioimageio.spec  # noqa: F401
-    except ImportError:
-        raise ValueError("export-bioimageio needs bioimageio.core: pip install -c constraints.txt -e '.[bioimageio]'") from None
+    import importlib.util
+
+    if importlib.util.find_spec("bioimageio") is None or importlib.util.find_spec("bioimageio.spec") is None:
+        raise ValueError("export-bioimageio needs bioimageio.core: pip install -c constraints.txt -e '.[bioimageio]'")
+    from cellnest.bioimageio import export_package
+
     rdf = export_package(args.model, args.out, overwrite=args.overwrite)
     log.info("wrote the bioimage.io package %s; check it with: bioimageio test %s", rdf.parent, rdf)
     return 0
