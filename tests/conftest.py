@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,11 @@ import pytest
 from cellnest.synthetic import write_synthetic_folder
 
 MMCELLS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mmcells"
+
+# Without a display, Qt's default platform aborts the whole process when napari's test
+# fixtures start; offscreen lets the napari tests skip instead (test_napari.py).
+if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
 @pytest.fixture(scope="session")
