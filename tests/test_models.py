@@ -145,3 +145,11 @@ def test_blocks_bound_the_network_window(tmp_path):
     windows.clear()
     segmenter(np.tile(image, (2, 2, 1)))  # 180 x 180 > max_whole_pixels: blocks
     assert windows and max(max(w) for w in windows) <= 32
+
+
+def test_a_network_refuses_an_image_of_the_wrong_channel_count(tmp_path):
+    """A runtime given one channel aborts the process (OpenVINO); the segmenter says so first."""
+    _save_tiny(tmp_path / "m.pt")
+    segmenter = load_segmenter(str(tmp_path / "m.pt"), device="cpu")
+    with pytest.raises(ValueError, match="takes 3-channel images, got 1"):
+        segmenter(np.random.default_rng(0).integers(0, 255, (40, 40, 1), np.uint8))

@@ -69,6 +69,12 @@ def test_widget_runs_the_default_network_and_reports_bad_options(make_napari_vie
     qtbot.waitUntil(lambda: "rgb cells" in viewer.layers, timeout=120_000)
     found = viewer.layers["rgb cells"].data
     assert found.shape == grey.shape and abs(len(np.unique(found)) - len(np.unique(truth))) <= 4
+    viewer.add_image(grey, name="grey")  # one channel: repeated to three, as files are
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=10_000)
+    widget.layer.setCurrentText("grey")
+    widget.run_button.click()
+    qtbot.waitUntil(lambda: "grey cells" in viewer.layers, timeout=120_000)
+    np.testing.assert_array_equal(viewer.layers["grey cells"].data, found)
 
 
 def test_label_maps_open_as_labels_layers(make_napari_viewer, tmp_path):

@@ -193,11 +193,19 @@ def read_image(path: str | os.PathLike, dtype: np.dtype | type | None = np.float
         image = image.astype(np.uint8)
     if dtype is not None:
         image = image.astype(dtype, copy=False)
+    return three_channels(image, view=dtype is None)
+
+
+def three_channels(image: np.ndarray, view: bool = False) -> np.ndarray:
+    """(H, W) or (H, W, C) -> (H, W, 3) by the rule in the module docstring (grey repeated,
+    a zero third channel for two, the first three of more). ``view``: a grey image comes
+    back as a read-only broadcast view (a third of the memory) instead of a copy."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
     channels = image.shape[-1]
     if channels == 1:
-        if dtype is None:  # one channel seen three times: a read-only view, a third of the memory
-            return np.broadcast_to(image, (*image.shape[:2], 3))
-        return np.repeat(image, 3, axis=-1)
+        return np.broadcast_to(image, (*image.shape[:2], 3)) if view else np.repeat(image, 3, axis=-1)
     if channels == 2:
         return np.concatenate([image, np.zeros_like(image[..., :1])], axis=-1)
     return np.ascontiguousarray(image[..., :3])

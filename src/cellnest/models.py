@@ -25,7 +25,7 @@ from cellnest.blocks import segment_in_blocks
 from cellnest.catalog import DEFAULT_MODEL, model_path, shipped_models
 from cellnest.classical import ClassicalConfig, segment_normalized_classical
 from cellnest.diameter import TOLERANCE, interior_median_diameter, rescale_image, resize_labels, scale_for, search_diameter
-from cellnest.modelfile import ModelFile
+from cellnest.modelfile import IN_CHANNELS, ModelFile
 from cellnest.normalize import (LOWER_PERCENTILE, UPPER_PERCENTILE, apply_image_percentiles, channels_first,
                                 image_percentiles)
 from cellnest.postprocess import PostprocessConfig, probabilities_to_instances
@@ -209,6 +209,9 @@ class NetworkSegmenter(Segmenter):
 
     def probabilities(self, image: np.ndarray, tile: int | None = None) -> np.ndarray:
         """Normalised (h, w, C) float32 -> (K, h, w) float32 class probabilities."""
+        if image.shape[-1] != IN_CHANNELS:  # a runtime would abort the process, not raise
+            raise ValueError(f"the network takes {IN_CHANNELS}-channel images, got {image.shape[-1]} "
+                             "(cellnest.io.three_channels makes them)")
         with stage("network"):
             return self.predictor(channels_first(image), tile)
 

@@ -24,13 +24,13 @@ LABEL_SUFFIXES = ("_label.tiff", "_label.tif")
 
 
 def layer_image(data: np.ndarray, rgb: bool) -> np.ndarray:
-    """A napari image layer's data -> the (H, W, C) image cellnest segments (a 2-D grey
-    layer, an RGB(A) layer, or the current plane of a stack is refused with a message)."""
+    """A napari image layer's data -> the (H, W, 3) image cellnest segments, by the rule
+    files follow (:func:`cellnest.io.three_channels`); a stack is refused with a message."""
+    from cellnest.io import three_channels
+
     data = np.asarray(data)
-    if rgb or (data.ndim == 3 and data.shape[-1] in (3, 4)):
-        return data[..., :3]
-    if data.ndim == 2:
-        return data[..., None]
+    if data.ndim == 2 or (data.ndim == 3 and (rgb or data.shape[-1] <= 4)):
+        return three_channels(data, view=True)
     raise ValueError(f"cellnest segments 2-D images; this layer has shape {data.shape}")
 
 
