@@ -29,8 +29,19 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     segmenter = load_segmenter(args.model or [DEFAULT_MODEL], device=args.device, predictor=overrides, diameter=args.diameter,
                                estimator=args.estimator, backend=args.backend)
     outputs = Outputs(overlay=args.overlay, measure=args.measure, geojson=args.geojson, rois=args.rois)
-    results = segment_files(args.inputs, args.out, segmenter, outputs, progress=not args.quiet, overwrite=args.overwrite,
-                            max_pixels=args.max_pixels)
+    if args.cluster or args.scheduler or any(str(i).rstrip("/").lower().endswith(".zarr") for i in args.inputs):
+        from cellnest.distributed import SegmenterSpec, cluster_client, segment_inputs
+
+        if outputs != Outputs():
+            raise ValueError("--overlay, --measure, --geojson and --rois are written by the single-process path; "
+                             "drop them with --cluster/--scheduler or OME-Zarr inputs")
+        spec = SegmenterSpec(tuple(args.model or [DEFAULT_MODEL]), args.device, args.backend, tuple(sorted(overrides.items())))
+        with cluster_client(args.cluster, args.scheduler) as client:
+            results = segment_inputs(args.inputs, args.out, spec, client, args.block,
+                                     "auto" if args.diameter is None else args.diameter, args.overwrite, not args.quiet)
+    else:
+        results = segment_files(args.inputs, args.out, segmenter, outputs, progress=not args.quiet, overwrite=args.overwrite,
+                                max_pixels=args.max_pixels)
     done = [r for r in results if not r.error]
     failed = [r for r in results if r.error]
     seconds = sum(r.seconds for r in done)
@@ -297,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geojson", action="store_true", help="also write <name>_cells.geojson polygons for QuPath")
     p.add_argument("--rois", action="store_true", help="also write <name>_rois.zip, an ImageJ ROI set for Fiji's ROI Manager")
     add_max_pixels(p)
+    p.add_argument("--cluster", metavar="local[:N]", help="segment block by block on a dask LocalCluster of N worker "
+                   "processes (huge images, OME-Zarr, large folders; docs/distributed.md)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="segment block by block on a running dask scheduler "
+                   "(e.g. tcp://10.0.0.1:8786, one started by dask-jobqueue on SLURM)")
+    p.add_argument("--block", type=bounded_int(64, 16384), default=2048, help="block side with --cluster/--scheduler "
+                   "(pixels; also the output's zarr chunk)")
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("evaluate", help="score predictions with the NeurIPS 2022 CellSeg F1")
