@@ -71,7 +71,8 @@ def _check_size(path: Path, shape: tuple[int, ...], max_pixels: int) -> None:
     if pixels > max_pixels or elements > MAX_CHANNELS * max_pixels:
         size = " x ".join(str(n) for n in shape)
         raise ImageReadError(path, f"image of {size} ({pixels / 1e6:.0f} MP) is above the limit of {max_pixels / 1e6:.0f} MP "
-                                   "(--max-pixels); raise the limit if this machine has the memory (docs/reliability.md)")
+                                   "(--max-pixels); segment it block by block with --cluster local, or raise the limit if "
+                                   "this machine has the memory (docs/reliability.md)")
 
 
 def _read_array(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
