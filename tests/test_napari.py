@@ -86,3 +86,18 @@ def test_label_maps_open_as_labels_layers(make_napari_viewer, tmp_path):
     layers = viewer.open(str(path), plugin="cellnest")
     assert len(layers) == 1 and type(layers[0]).__name__ == "Labels" and layers[0].name == "x_label"
     np.testing.assert_array_equal(layers[0].data, truth)
+
+
+def test_a_huge_label_map_opens_lazily(make_napari_viewer, tmp_path, monkeypatch):
+    """A tiled BigTIFF from --cluster is not read whole: napari gets a zarr view of it."""
+    import tifffile
+
+    import cellnest.napari_plugin as plugin
+
+    _, truth = _image()
+    tifffile.imwrite(tmp_path / "big_label.tiff", truth.astype(np.uint32), tile=(64, 64), bigtiff=True)
+    monkeypatch.setattr(plugin, "LAZY_PIXELS", 1000)  # as if it were 20k x 20k
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(tmp_path / "big_label.tiff"), plugin="cellnest")
+    assert type(layer).__name__ == "Labels" and type(layer.data).__module__.startswith("zarr")
+    np.testing.assert_array_equal(np.asarray(layer.data[...]), truth)

@@ -151,8 +151,23 @@ def get_reader(path: str | list[str]) -> Callable | None:
     return read_label_layers
 
 
+LAZY_PIXELS = 64 * 2**20  # larger label maps (the tiled BigTIFFs of --cluster) are read tile by tile as napari draws
+
+
 def read_label_layers(path: str | list[str]) -> list[tuple]:
+    import tifffile
+
     from cellnest.io import read_labels
 
-    paths = [path] if isinstance(path, str) else list(path)
-    return [(read_labels(p), {"name": Path(p).name.removesuffix(".tiff").removesuffix(".tif")}, "labels") for p in paths]
+    layers = []
+    for p in [path] if isinstance(path, str) else list(path):
+        with tifffile.TiffFile(p) as tif:
+            height, width = tif.series[0].shape[-2:]
+        if height * width > LAZY_PIXELS:
+            import zarr
+
+            data = zarr.open(tifffile.imread(p, aszarr=True), mode="r")
+        else:
+            data = read_labels(p)
+        layers.append((data, {"name": Path(p).name.removesuffix(".tiff").removesuffix(".tif")}, "labels"))
+    return layers
