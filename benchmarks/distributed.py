@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from cellnest.distributed import SegmenterSpec, segment_distributed, segment_inp
 from cellnest.synthetic import SyntheticSpec, synthetic_cells, to_uint, write_synthetic_folder
 
 PIECE = 2000
+CORES = len(os.sched_getaffinity(0))  # as cellnest's --cluster local:N: each worker's network gets cores / N threads
 
 
 def make_image(side: int, path: Path) -> Path:
@@ -75,7 +77,8 @@ def main() -> None:
         print("| run | workers | wall s | s/MP | cells | cells/s | peak GiB per worker |\n|---|---|---|---|---|---|---|")
         per_block = {}
         for n in args.workers:
-            with Client(LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL)) as client:
+            with Client(LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL,
+                                       env={"CELLNEST_THREADS": str(max(1, CORES // n))})) as client:
                 client.run(lambda: __import__("cellnest.distributed"))  # imports are start-up, not work
                 start = time.perf_counter()
                 result = segment_distributed(image, work / f"out{n}", spec, client, block=args.block, diameter="auto",
@@ -86,7 +89,8 @@ def main() -> None:
                       f"{result.cells} | {result.cells / wall:.0f} | {', '.join(f'{p:.2f}' for p in worker_peaks(client))} |",
                       flush=True)
             if args.folder:
-                with Client(LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL)) as client:
+                with Client(LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.CRITICAL,
+                                       env={"CELLNEST_THREADS": str(max(1, CORES // n))})) as client:
                     client.run(lambda: __import__("cellnest.distributed"))
                     start = time.perf_counter()
                     rows = segment_inputs([folder], work / f"folder-out{n}", spec, client, block=args.block, overwrite=True,

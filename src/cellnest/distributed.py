@@ -145,8 +145,16 @@ class SegmenterSpec:
 
 @functools.lru_cache(maxsize=4)
 def _build(spec: SegmenterSpec):
+    import torch
+
     from cellnest.models import load_segmenter
 
+    try:  # on a worker: the network gets the worker's share of the cores, not all of them
+        from distributed import get_worker
+
+        torch.set_num_threads(int(os.environ.get("CELLNEST_THREADS") or get_worker().state.nthreads))
+    except (ImportError, ValueError):
+        pass  # the driver
     log.info("loading %s on this worker", "+".join(spec.models))
     return load_segmenter(list(spec.models), device=spec.device, predictor=dict(spec.predictor) or None,
                           diameter="native", backend=spec.backend)
@@ -259,9 +267,11 @@ def cluster_client(cluster: str | None = None, scheduler: str | None = None):
     spec = cluster or "local"
     if not (spec == "local" or (spec.startswith("local:") and spec[6:].isdigit() and int(spec[6:]) >= 1)):
         raise ValueError(f"--cluster {spec!r}: expected local or local:N (N workers)")
-    workers = int(spec[6:]) if ":" in spec else max(1, (os.cpu_count() or 2) // 2)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = int(spec[6:]) if ":" in spec else max(1, cores // 2)
+    # one task at a time per worker, its network on the worker's share of the cores
     return Client(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=logging.ERROR))
+                               silence_logs=logging.ERROR, env={"CELLNEST_THREADS": str(max(1, cores // workers))}))
 
 
 @dataclass
