@@ -262,6 +262,7 @@ def cluster_client(cluster: str | None = None, scheduler: str | None = None):
     except ImportError:
         raise ValueError("distributed segmentation needs dask.distributed and zarr: "
                          "pip install -c constraints.txt -e '.[distributed]'") from None
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # dask's own INFO chatter is not the user's
     if scheduler:
         return Client(scheduler)
     spec = cluster or "local"
@@ -270,8 +271,10 @@ def cluster_client(cluster: str | None = None, scheduler: str | None = None):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = int(spec[6:]) if ":" in spec else max(1, cores // 2)
     # one task at a time per worker, its network on the worker's share of the cores
-    return Client(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=logging.ERROR, env={"CELLNEST_THREADS": str(max(1, cores // workers))}))
+    client = Client(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, silence_logs=logging.ERROR,
+                                 env={"CELLNEST_THREADS": str(max(1, cores // workers))}))
+    log.info("dask cluster of %d worker(s); dashboard %s", workers, client.dashboard_link)
+    return client
 
 
 @dataclass
