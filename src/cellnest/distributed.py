@@ -345,14 +345,32 @@ def segment_distributed(
     group.create_array("local", shape=(height, width), chunks=(block, block), dtype="uint32", fill_value=0)
     try:
         segmenter_future = client.scatter(segmenter, broadcast=True) if not isinstance(segmenter, SegmenterSpec) else segmenter
-        futures = [client.submit(segment_block, source, rows, cols, halo, segmenter_future, bounds, scale,
-                                 str(scratch / "local"), retries=retries, pure=False) for _, _, rows, cols in grid]
-        results = [None] * len(grid)
-        position = {f.key: k for k, f in enumerate(futures)}
         from tqdm import tqdm
 
-        for future in tqdm(as_completed(futures), total=len(futures), desc="blocks", unit="block", disable=not progress):
-            results[position[future.key]] = future.result()
+        def submit(k: int):
+            rows, cols = grid[k][2:]
+            return client.submit(segment_block, source, rows, cols, halo, segmenter_future, bounds, scale,
+                                 str(scratch / "local"), retries=retries, pure=False)
+
+        position = {submit(k): k for k in range(len(grid))}
+        results: list = [None] * len(grid)
+        resubmitted = 0
+        pending = as_completed(list(position))
+        bar = tqdm(total=len(grid), desc="blocks", unit="block", disable=not progress)
+        for future in pending:
+            k = position.pop(future)
+            if future.cancelled():
+                # a task lost with its worker can come back cancelled rather than retried
+                if resubmitted >= retries * len(grid):
+                    raise RuntimeError(f"{path}: block {k} was lost {resubmitted} times; the cluster is failing")
+                resubmitted += 1
+                again = submit(k)
+                position[again] = k
+                pending.add(again)
+                continue
+            results[k] = future.result()
+            bar.update()
+        bar.close()
         counts = [r[0] for r in results]
         offsets, mapping = join_cells(grid, counts, [r[1] for r in results])
         final_path = _label_group(Path(path), target, (height, width), block, overwrite) if source.zarr_image else scratch / "final"
