@@ -26,8 +26,6 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     resolve_device(args.device)  # a bad --device fails before any work, whatever the model
     overrides = {k: v for k, v in (("tile", args.tile), ("overlap", args.overlap), ("tta", args.tta or None)) if v is not None}
-    segmenter = load_segmenter(args.model or [DEFAULT_MODEL], device=args.device, predictor=overrides, diameter=args.diameter,
-                               estimator=args.estimator, backend=args.backend)
     outputs = Outputs(overlay=args.overlay, measure=args.measure, geojson=args.geojson, rois=args.rois)
     if args.cluster or args.scheduler or any(str(i).rstrip("/").lower().endswith(".zarr") for i in args.inputs):
         from cellnest.distributed import SegmenterSpec, cluster_client, segment_inputs
@@ -39,7 +37,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         with cluster_client(args.cluster, args.scheduler) as client:
             results = segment_inputs(args.inputs, args.out, spec, client, args.block,
                                      "auto" if args.diameter is None else args.diameter, args.overwrite, not args.quiet)
-    else:
+    else:  # the model is loaded here, not also before the cluster path (its workers and driver load their own)
+        segmenter = load_segmenter(args.model or [DEFAULT_MODEL], device=args.device, predictor=overrides,
+                                   diameter=args.diameter, estimator=args.estimator, backend=args.backend)
         results = segment_files(args.inputs, args.out, segmenter, outputs, progress=not args.quiet, overwrite=args.overwrite,
                                 max_pixels=args.max_pixels)
     done = [r for r in results if not r.error]

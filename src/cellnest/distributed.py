@@ -111,8 +111,9 @@ class Source:
             return zarr.open(tifffile.imread(self.path, aszarr=True), mode="r")
         return zarr.open_array(str(Path(self.path) / self.array_path), mode="r")
 
-    @property
+    @functools.cached_property
     def shape(self) -> tuple[int, int]:
+        """(height, width), from the header: read once per process (a PNG is decoded for it)."""
         shape = dict(zip(self.axes, self.array().shape))
         return shape["y"], shape["x"]
 
@@ -187,9 +188,11 @@ def segment_block(source: Source, rows: slice, cols: slice, halo: int, segmenter
     outer = (slice(max(rows.start - halo, 0), min(rows.stop + halo, height)),
              slice(max(cols.start - halo, 0), min(cols.stop + halo, width)))
     raw = source.read(*outer)
-    normalised = apply_image_percentiles(raw, bounds)
     seg = _segmenter(segmenter)
-    if float(normalised.max() - normalised.min()) < FLAT_RANGE:
+    # the normalised range from each channel's extremes alone: no normalised copy of the block
+    extremes = np.stack([raw.min(axis=(0, 1)), raw.max(axis=(0, 1))])[None]  # (1, 2, C)
+    spans = np.diff(apply_image_percentiles(extremes, bounds)[0], axis=0)
+    if float(spans.max()) < FLAT_RANGE:
         labels = np.zeros(raw.shape[:2], np.int32)
     else:
         labels = np.asarray(seg.segment_at(raw, bounds, scale), np.int32)

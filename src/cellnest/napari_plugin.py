@@ -37,8 +37,9 @@ def layer_image(data: np.ndarray, rgb: bool) -> np.ndarray:
 class SegmentWidget(QWidget):
     """Segment the chosen image layer with a cellnest model.
 
-    Options: the model (``cellnest models``), the cell diameter (``auto``, ``native`` or
-    pixels), the window tile (0 = the model's) and flip TTA, as on the command line.
+    Options: the model (``cellnest models``), the cell diameter (the model's default,
+    ``auto``, ``native`` or pixels), the window tile (0 = the model's) and flip TTA, as on
+    the command line.
     """
 
     def __init__(self, napari_viewer):
@@ -49,8 +50,8 @@ class SegmentWidget(QWidget):
         self.model.addItems(available_models())
         self.model.setCurrentText(DEFAULT_MODEL)
         self.diameter = QComboBox()
-        self.diameter.setEditable(True)  # auto, native, or a number of pixels
-        self.diameter.addItems(["auto", "native"])
+        self.diameter.setEditable(True)  # the model's default, auto, native, or a number of pixels
+        self.diameter.addItems(["model's default", "auto", "native"])
         self.tile = QSpinBox()
         self.tile.setRange(0, 8192)
         self.tile.setSingleStep(64)
@@ -89,8 +90,9 @@ class SegmentWidget(QWidget):
         """The widget's choices as :func:`cellnest.models.load_segmenter` arguments."""
         from cellnest.cli import parse_diameter
 
-        text = self.diameter.currentText().strip() or "auto"
-        diameter = parse_diameter(text)  # argparse's own check: 'auto', 'native' or pixels > 0
+        text = self.diameter.currentText().strip()
+        # as the command line without --diameter, else argparse's own check: 'auto', 'native' or pixels > 0
+        diameter = None if text in ("", "model's default") else parse_diameter(text)
         predictor = {k: v for k, v in (("tile", self.tile.value() or None), ("tta", self.tta.isChecked() or None)) if v}
         return {"models": self.model.currentText(), "diameter": diameter, "predictor": predictor}
 
@@ -135,8 +137,8 @@ def segment_layer(image: np.ndarray, options: dict) -> tuple[np.ndarray, str]:
     from cellnest.models import load_segmenter
 
     start = time.perf_counter()
-    diameter = None if options["diameter"] == "native" and options["models"] == "classical" else options["diameter"]
-    segmenter = load_segmenter(options["models"], device="auto", predictor=options["predictor"] or None, diameter=diameter)
+    segmenter = load_segmenter(options["models"], device="auto", predictor=options["predictor"] or None,
+                               diameter=options["diameter"])
     labels, size = segmenter.run(image)
     cells = int(len(np.unique(labels)) - (labels.min() == 0))
     sized = f", cell diameter {size.diameter:.1f} px (x{size.scale:.2f})" if size.diameter else ""
